@@ -1,0 +1,1 @@
+"""MPTCP endpoints: one interface, several implementations (for now the local Linux kernel)."""

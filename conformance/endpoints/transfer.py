@@ -1,0 +1,217 @@
+"""A bulk-transfer endpoint over IPPROTO_MPTCP (or plain TCP), standard library only.
+
+Run inside a topology host as `python -m conformance.endpoints.transfer server|client ...`.
+Each side sends a deterministic pseudo-random stream of --send bytes (seeded by its role, so the
+peer knows what to expect), half-closes, reads the peer's stream to EOF, checks its SHA-256, and
+writes a JSON report with what the kernel says about the connection: MPTCP_INFO, the subflow
+addresses, and whether the socket fell back to TCP. Exit 0 only when every byte matched."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import hashlib
+import json
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+
+IPPROTO_MPTCP = 262
+SOL_MPTCP = 284
+MPTCP_INFO = 1
+MPTCP_SUBFLOW_ADDRS = 3
+TCP_IS_MPTCP = 43
+SEEDS = {"client": 1, "server": 2}
+FIRST_CHUNK = 1000
+
+_INFO_FMT = "=6B2xIIQQQ3BxIQQQQB3xIII"
+_INFO_FIELDS = ("subflows", "add_addr_signal", "add_addr_accepted", "subflows_max", "add_addr_signal_max",
+                "add_addr_accepted_max", "flags", "token", "write_seq", "snd_una", "rcv_nxt",
+                "local_addr_used", "local_addr_max", "csum_enabled", "retransmits", "bytes_retrans",
+                "bytes_sent", "bytes_received", "bytes_acked", "subflows_total", "last_data_sent",
+                "last_data_recv", "last_ack_recv")
+_SOCKADDR_SIZE = 128
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def stream(role: str, size: int) -> bytes:
+    """The bytes `role` sends: reproducible by the peer from the role alone."""
+    return random.Random(SEEDS[role]).randbytes(size)
+
+
+def mptcp_info(sock: socket.socket) -> dict | None:
+    """MPTCP_INFO as a dict, or None when the socket is not (or no longer) MPTCP."""
+    size = struct.calcsize(_INFO_FMT)
+    try:
+        raw = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
+            return None
+        raise
+    info = dict(zip(_INFO_FIELDS, struct.unpack(_INFO_FMT, raw.ljust(size, b"\0")), strict=True))
+    info["token"] = f"{info['token']:08x}"
+    return info
+
+
+def _sockaddr(raw: bytes) -> dict:
+    family, port = struct.unpack_from("=H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return {"addr": socket.inet_ntop(socket.AF_INET, raw[4:8]), "port": port}
+    if family == socket.AF_INET6:
+        return {"addr": socket.inet_ntop(socket.AF_INET6, raw[8:24]), "port": port}
+    return {"family": family}
+
+
+def subflow_addrs(sock: socket.socket, most: int = 16) -> list[dict] | None:
+    """The (local, remote) address of every subflow, from MPTCP_SUBFLOW_ADDRS."""
+    # The request header is input as well as output, which socket.getsockopt cannot express.
+    buf = ctypes.create_string_buffer(struct.pack("=IIII", 16, 0, 0, 2 * _SOCKADDR_SIZE),
+                                      16 + most * 2 * _SOCKADDR_SIZE)
+    size = ctypes.c_uint32(len(buf))
+    if _libc.getsockopt(sock.fileno(), SOL_MPTCP, MPTCP_SUBFLOW_ADDRS, buf, ctypes.byref(size)) != 0:
+        return None
+    raw = buf.raw[:size.value]
+    _, count, _, size_user = struct.unpack_from("=IIII", raw)
+    out = []
+    for i in range(min(count, most)):
+        base = 16 + i * size_user
+        out.append({"local": _sockaddr(raw[base:base + _SOCKADDR_SIZE]),
+                    "remote": _sockaddr(raw[base + _SOCKADDR_SIZE:base + 2 * _SOCKADDR_SIZE])})
+    return out
+
+
+def is_mptcp(sock: socket.socket) -> bool | None:
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP))
+    except OSError:
+        return None
+
+
+def _total_subflows(info: dict | None) -> int:
+    if not info:
+        return 1
+    return info["subflows_total"] or info["subflows"] + 1
+
+
+def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflows: int,
+             wait_timeout: float) -> dict:
+    peer_role = "server" if role == "client" else "client"
+    report: dict = {"role": role, "bytes_to_send": send, "bytes_expected": expect}
+    t0 = time.monotonic()
+    out = stream(role, send)
+    sent_hash = hashlib.sha256(out).hexdigest()
+    send_error: list[str] = []
+
+    def wait_for_subflows() -> None:
+        # The path manager opens subflows only once the connection is fully established, i.e.
+        # after the first data (MP_CAPABLE with data, or a DSS) has flowed: so a first small chunk
+        # goes out before we hold the rest back for the subflows (on fast veth links the transfer
+        # would otherwise be over before any join).
+        deadline = time.monotonic() + wait_timeout
+        while _total_subflows(mptcp_info(sock)) < wait_subflows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        report["subflows_before_bulk"] = _total_subflows(mptcp_info(sock))
+        report["waited_for_subflows_s"] = round(time.monotonic() - t0, 3)
+
+    def sender() -> None:
+        try:
+            first = min(send, FIRST_CHUNK) if wait_subflows > 1 else send
+            sock.sendall(out[:first])
+            if wait_subflows > 1:
+                wait_for_subflows()
+            sock.sendall(out[first:])
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            send_error.append(str(exc))
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    received, h = 0, hashlib.sha256()
+    peak_info = None
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        received += len(chunk)
+        h.update(chunk)
+        if peak_info is None and received >= expect // 2:
+            peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
+    thread.join(120)
+    report.update({
+        "bytes_sent": send if not send_error and not thread.is_alive() else None,
+        "send_error": send_error[0] if send_error else None,
+        "sha256_sent": sent_hash,
+        "bytes_received": received,
+        "sha256_received": h.hexdigest(),
+        "sha256_expected": hashlib.sha256(stream(peer_role, expect)).hexdigest(),
+        "duration_s": round(time.monotonic() - t0, 3),
+        "mptcp": is_mptcp(sock),
+        "mptcp_info_mid": peak_info,
+        "mptcp_info": mptcp_info(sock),
+        "subflows": subflow_addrs(sock),
+    })
+    report["fallback"] = report["mptcp_info"] is None
+    report["ok"] = (report["bytes_sent"] == send and received == expect
+                    and report["sha256_received"] == report["sha256_expected"])
+    return report
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="transfer", description=__doc__.splitlines()[0])
+    ap.add_argument("role", choices=("server", "client"))
+    ap.add_argument("--addr", required=True, help="server: address to listen on; client: to connect to")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tcp", action="store_true", help="plain TCP socket instead of IPPROTO_MPTCP")
+    ap.add_argument("--send", type=int, default=0, help="bytes this side sends")
+    ap.add_argument("--expect", type=int, default=0, help="bytes this side expects from the peer")
+    ap.add_argument("--wait-subflows", type=int, default=1, help="hold data until this many subflows")
+    ap.add_argument("--wait-timeout", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout")
+    ap.add_argument("--report", required=True, help="path of the JSON report to write")
+    args = ap.parse_args(argv)
+
+    proto = 0 if args.tcp else IPPROTO_MPTCP
+    family = _family(args.addr)
+    report: dict
+    lsock = None
+    try:
+        if args.role == "server":
+            lsock = socket.socket(family, socket.SOCK_STREAM, proto)
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            lsock.bind((args.addr, args.port))
+            lsock.listen(8)
+            lsock.settimeout(args.timeout)
+            print("listening", flush=True)
+            sock, peer = lsock.accept()
+            # The listener stays open for the connection's life: MP_JOIN SYNs come to this port.
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sock.settimeout(args.timeout)
+            sock.connect((args.addr, args.port))
+            peer = sock.getpeername()
+        sock.settimeout(args.timeout)
+        report = exchange(sock, args.role, args.send, args.expect, args.wait_subflows, args.wait_timeout)
+        report.update({"local": list(sock.getsockname()[:2]), "peer": list(peer[:2]),
+                       "socket": "tcp" if args.tcp else "mptcp"})
+        sock.close()
+        if lsock is not None:
+            lsock.close()
+    except OSError as exc:
+        report = {"role": args.role, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    with open(args.report, "w") as f:
+        json.dump(report, f, indent=2)
+    return 0 if report.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

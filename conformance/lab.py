@@ -1,0 +1,171 @@
+"""A Lab is one case's world: a running topology, its artefact folder, and the actions a case
+takes in it (configure endpoints, transfer data), each collecting its evidence as it goes.
+
+Everything a Lab creates is registered on its Cleanup stack and undone when the Lab closes."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conformance.endpoints.counters import delta, read_counters
+from conformance.endpoints.linux import MptcpConfig, configure, show_endpoints
+from conformance.errors import HarnessError
+from conformance.net.capture import DEFAULT_SNAPLEN, Capture
+from conformance.net.cleanup import Cleanup
+from conformance.net.network import Network
+from conformance.net.topo import MptcpTopo
+from conformance.observe.tshark import Segment, decode
+from conformance.proc import Background, run
+
+TRANSFER = [sys.executable, "-m", "conformance.endpoints.transfer"]
+MB = 1_000_000
+
+
+@dataclass
+class TransferRun:
+    """What one transfer left behind: endpoint reports, counter deltas, captures."""
+
+    folder: Path
+    client: dict
+    server: dict
+    counters: dict[str, dict[str, int]]  # node -> non-zero MIB counter deltas
+    pcaps: dict[str, Path]  # interface -> capture file
+    port: int
+    notes: list[str] = field(default_factory=list)
+
+    def segments(self, intf: str) -> list[Segment]:
+        """The TCP segments of this transfer's port seen on `intf`."""
+        return [s for s in decode(self.pcaps[intf]) if self.port in (s.sport, s.dport)]
+
+    def streams(self, intf: str) -> dict[int, list[Segment]]:
+        out: dict[int, list[Segment]] = {}
+        for s in self.segments(intf):
+            out.setdefault(s.stream, []).append(s)
+        return out
+
+    def counter(self, node: str, name: str) -> int:
+        return self.counters.get(node, {}).get(name if name.startswith(("MPTcp", "Tcp")) else
+                                               f"MPTcpExt{name}", 0)
+
+    def payload_bytes(self, intf: str) -> int:
+        return sum(s.payload for s in self.segments(intf))
+
+
+class Lab:
+    def __init__(self, topo: MptcpTopo, folder: Path, cleanup: Cleanup, *, family: str = "ipv4"):
+        self.topo, self.folder, self.cleanup, self.family = topo, folder, cleanup, family
+        folder.mkdir(parents=True, exist_ok=True)
+        self.net = Network(topo, cleanup)
+        self._ports = iter(range(5201, 6000))
+        self.transfers: list[TransferRun] = []
+
+    # -- addressing ---------------------------------------------------------------------------
+    def addresses(self, node: str) -> list[str]:
+        """The node's addresses usable for this lab's family (v4 for dual: see server_address)."""
+        version = 6 if self.family == "ipv6" else 4
+        return self.topo.addresses(node, version)
+
+    def connect_address(self, node: str, index: int = 0) -> str:
+        """The address a client connects to. In the dual-stack variant the sockets are AF_INET6
+        and reach the IPv4 address through its v4-mapped form, as a dual-stack server sees it."""
+        addr = self.addresses(node)[index]
+        if self.family == "dual":
+            return f"::ffff:{addr}"
+        return addr
+
+    def listen_address(self) -> str:
+        return "::" if self.family in ("ipv6", "dual") else "0.0.0.0"
+
+    # -- actions ------------------------------------------------------------------------------
+    def configure(self, node: str, cfg: MptcpConfig) -> None:
+        configure(self.net[node], cfg)
+
+    def transfer(self, *, client: str | None = None, server: str | None = None, up: int = MB,
+                 down: int = MB, mptcp_client: bool = True, mptcp_server: bool = True,
+                 wait_subflows: int = 1, connect_to: str | None = None, timeout: float = 120,
+                 snaplen: int = DEFAULT_SNAPLEN) -> TransferRun:
+        """Client sends `up` bytes, server sends `down` bytes, both at once; captures on every
+        interface of the topology. Returns the evidence; data integrity is in the reports."""
+        client = client or self.topo.client
+        server = server or self.topo.server
+        port = next(self._ports)
+        folder = self.folder if not self.transfers else self.folder / f"transfer-{len(self.transfers) + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        endpoints = (client, server)
+        for node in endpoints:
+            (folder / f"{node}-endpoints.json").write_text(
+                json.dumps(show_endpoints(self.net[node]), indent=2, default=str))
+        before = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        local = Cleanup()
+        try:
+            cap = Capture([(n, self.net.netns(n), i) for n, i in self.topo.interfaces()], folder, local,
+                          snaplen=snaplen)
+            srv = self._start(server, "server", self.listen_address(), port, down, up, mptcp_server,
+                              wait_subflows, folder, local, timeout)
+            dst = connect_to or self.connect_address(server)
+            cli = self._start(client, "client", dst, port, up, down, mptcp_client, wait_subflows, folder,
+                              local, timeout)
+            self._snapshot_ss(endpoints, port, folder, cli)
+            for proc in (cli, srv):
+                proc.wait(timeout + 10)
+            # Let the last FIN/ACKs cross the links before the captures close.
+            time.sleep(0.2)
+        finally:
+            local.run()
+        after = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        counters = {n: delta(before[n], after[n]) for n in before}
+        (folder / "counters.json").write_text(json.dumps(counters, indent=2, sort_keys=True))
+        reports = {}
+        for role, node in (("client", client), ("server", server)):
+            path = folder / f"{role}.json"
+            if not path.exists():
+                raise HarnessError(f"{role} on {node} wrote no report; stderr: "
+                                   f"{(folder / f'{role}.err').read_text()[-500:]}")
+            reports[role] = json.loads(path.read_text())
+        result = TransferRun(folder, reports["client"], reports["server"], counters,
+                             {p.intf: p.path for p in cap.pcaps}, port)
+        self.transfers.append(result)
+        return result
+
+    def _start(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
+               timeout) -> Background:
+        argv = [*TRANSFER, role, "--addr", addr, "--port", str(port), "--send", str(send), "--expect",
+                str(expect), "--report", str(folder / f"{role}.json"), "--wait-subflows", str(wait_subflows),
+                "--timeout", str(timeout)]
+        if not mptcp:
+            argv.append("--tcp")
+        proc = Background(argv, netns=self.net.netns(node), stdout=folder / f"{role}.out",
+                          stderr=folder / f"{role}.err")
+        cleanup.defer(f"stop {role} on {node}", proc.stop)
+        if role == "server":
+            deadline = time.monotonic() + 10
+            while "listening" not in proc.output():
+                if not proc.running() or time.monotonic() > deadline:
+                    raise HarnessError(f"server on {node} did not start: {proc.errors()[-500:]}")
+                time.sleep(0.01)
+        return proc
+
+    def _snapshot_ss(self, nodes, port, folder, client_proc) -> None:
+        """`ss` views of the connection while it is up (subflows, MPTCP and TCP info)."""
+        deadline = time.monotonic() + 5
+        while client_proc.running() and time.monotonic() < deadline:
+            est = run(["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+                      netns=self.net.netns(nodes[0]), check=False).stdout
+            if est.strip():
+                break
+            time.sleep(0.01)
+        for node in nodes:
+            ns = self.net.netns(node)
+            text = []
+            for argv in (["ss", "-tniH", f"( sport = :{port} or dport = :{port} )"], ["ss", "-Mni"]):
+                text.append(f"$ {' '.join(argv)}\n{run(argv, netns=ns, check=False).stdout}")
+            (folder / f"ss-{node}.txt").write_text("\n".join(text))
+
+
+def family_of(addr: str) -> int:
+    return ipaddress.ip_address(addr.split("%")[0]).version

@@ -1,0 +1,1 @@
+"""Building emulated networks: names and cleanup, Mininet nodes and links, routing, capture."""

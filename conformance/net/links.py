@@ -1,0 +1,76 @@
+"""Mininet link and interface classes: veth pairs made directly inside the two namespaces.
+
+The pair is created with netlink in node 1's namespace with its peer placed in node 2's, so our
+interfaces never appear in the root namespace (nothing to collide with a parallel run, nothing to
+leak there). Addresses come from the topology; segmentation offloads are turned off so captures
+show wire segments; shaping goes through conformance.net.shaping."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+from mininet.link import Intf, Link
+
+from conformance.errors import TopologyError
+from conformance.net.shaping import LinkShape, apply_shape
+from conformance.proc import run
+
+IFA_F_NODAD = 0x02
+OFFLOADS = ("tso", "gso", "gro")
+
+
+@functools.cache
+def netem_available() -> bool:
+    from conformance.doctor import probe_qdisc
+
+    return probe_qdisc("netem").ok
+
+
+class VethIntf(Intf):
+    """One end of a veth pair, configured through netlink."""
+
+    def config(self, addrs=(), bw=None, delay=None, jitter=None, loss=None, max_queue_size=None,
+               **_params):
+        shape = LinkShape.from_params(bw=bw, delay=delay, jitter=jitter, loss=loss,
+                                      max_queue_size=max_queue_size)
+        ipr = self.node.ipr()
+        index = ipr.link_lookup(ifname=self.name)[0]
+        self.addrs = [ipaddress.ip_interface(a) for a in addrs]
+        for a in self.addrs:
+            ipr.addr("add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
+                     flags=IFA_F_NODAD if a.version == 6 else 0)
+        run(["ethtool", "-K", self.name, *[x for o in OFFLOADS for x in (o, "off")]], netns=self.node.netns)
+        ipr.link("set", index=index, state="up")
+        apply_shape(self.node.netns, self.name, shape,
+                    netem_available=netem_available() if shape.needs_netem else False)
+        self.shape = shape
+        v4 = [a for a in self.addrs if a.version == 4]
+        if v4:  # what Mininet's CLI shows and pings
+            self.ip, self.prefixLen = str(v4[0].ip), v4[0].network.prefixlen
+        return {}
+
+    def delete(self):
+        # The pair disappears with its namespace; deleting it one end at a time only costs time.
+        self.node.delIntf(self)
+        self.link = None
+
+
+class VethLink(Link):
+    """A veth pair between two NetnsNodes (use with `cls=VethLink` in Topo.addLink)."""
+
+    def __init__(self, node1, node2, **params):
+        params.setdefault("intf", VethIntf)
+        super().__init__(node1, node2, **params)
+
+    @classmethod
+    def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,  # noqa: N802
+                     deleteIntfs=True):  # noqa: N803 - Mininet's signature
+        if node1 is None or node2 is None or not hasattr(node1, "netns") or not hasattr(node2, "netns"):
+            raise TopologyError(f"VethLink {intfname1}<->{intfname2} needs two NetnsNode ends")
+        peer = {"ifname": intfname2, "net_ns_fd": node2.netns}
+        if addr2:
+            peer["address"] = addr2
+        kw = {"address": addr1} if addr1 else {}
+        node1.ipr().link("add", ifname=intfname1, kind="veth", peer=peer, **kw)
+        return None, None

@@ -1,0 +1,1 @@
+"""Observing the wire: decoding captures and judging what they show."""

@@ -1,0 +1,1 @@
+"""The results model (one schema) and its renderings: JSON, Markdown, JUnit."""

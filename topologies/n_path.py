@@ -1,0 +1,27 @@
+"""N disjoint paths (1 to 8) between an MPTCP client and server, each through its own router.
+
+    c1 =eth<i-1>= r<i> == rs -- s1        multihomed=client (default)
+    c1 -- rc == r<i> =eth<i-1>= s1        multihomed=server
+    c1 =eth<i-1>= r<i> =eth<i-1>= s1      multihomed=both
+
+Path i uses 198.18.i.0/24 (client side) and 198.19.i.0/24 (server side), and 2001:db8:1:i::/64,
+2001:db8:2:i::/64 in IPv6. Parameters: n=1..8, multihomed=client|server|both,
+family=ipv4|ipv6|dual, bw= (Mbit/s).
+
+    mn --custom topologies/n_path.py --topo n_path,n=4 --controller none
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `mn --custom` runs from anywhere
+
+from conformance.net.topo import PathTopo  # noqa: E402
+
+
+class NPath(PathTopo):
+    def build(self, n=2, multihomed="client", **shape):
+        super().build(paths=n, multihomed=multihomed, **shape)
+
+
+topos = {"n_path": NPath}
