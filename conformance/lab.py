@@ -21,6 +21,7 @@ from conformance.net.network import Network
 from conformance.net.topo import MptcpTopo
 from conformance.observe.tshark import Segment, decode
 from conformance.proc import Background, run
+from conformance.verdict import Expect
 
 TRANSFER = [sys.executable, "-m", "conformance.endpoints.transfer"]
 MB = 1_000_000
@@ -63,6 +64,7 @@ class Lab:
         self.net = Network(topo, cleanup)
         self._ports = iter(range(5201, 6000))
         self.transfers: list[TransferRun] = []
+        self.expect = Expect()
 
     # -- addressing ---------------------------------------------------------------------------
     def addresses(self, node: str) -> list[str]:

@@ -1,0 +1,271 @@
+"""The pytest plugin (entry point `pytest11`): markers, the `lab` fixture, results and reports.
+
+Markers:
+  @pytest.mark.rfc8684("R3.1-11", ...)   requirement IDs a case proves (unknown ID: usage error)
+  @pytest.mark.topology("two_path", **params)   the topology the `lab` fixture builds
+  @pytest.mark.families("ipv4", "ipv6")  restrict the address families (default: all three)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conformance import __version__
+from conformance.errors import CapabilityMissing
+from conformance.net.cleanup import Cleanup
+from conformance.net.names import release_run, sweep_stale
+from conformance.net.topo import FAMILIES
+from conformance.report.model import CaseResult, RunResults
+
+REPORT_ENV = "MPTCP_CONFORMANCE_REPORT"
+ESSENTIAL = ("root", "socket:mptcp", "sockopt:mptcp_info", "tcpdump", "tshark", "mnexec", "ethtool")
+_results_key = pytest.StashKey[RunResults]()
+_partial_key = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mptcp", "MPTCP conformance")
+    group.addoption("--mptcp-report", metavar="DIR", default=None,
+                    help="write results.json, report.md, junit.xml and artefacts here "
+                         "(default: reports/<UTC timestamp>)")
+    group.addoption("--mptcp-family", action="append", choices=FAMILIES, default=None,
+                    help="run cases only in these address families (repeatable)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rfc8684(*ids): RFC 8684 requirement IDs this case proves")
+    config.addinivalue_line("markers", "topology(name, **params): topology the lab fixture builds")
+    config.addinivalue_line("markers", "families(*names): address families the case runs in")
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        folder = config.getoption("mptcp_report") or os.environ.get(REPORT_ENV)
+        if not folder:
+            folder = str(Path("reports") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
+        os.environ[REPORT_ENV] = str(Path(folder).resolve())
+        config.stash[_results_key] = RunResults(suite_version=__version__,
+                                                started=dt.datetime.now(dt.UTC).isoformat())
+        config.stash[_partial_key] = {}
+    if os.geteuid() == 0:
+        report = sweep_stale()
+        if report.removed_netns:
+            print(f"mptcp-conformance: {report}")
+    # SIGTERM (CI timeouts, `kill`) takes the same cleanup path as Ctrl-C.
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        global _main_pid
+        _main_pid = os.getpid()
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+_main_pid = 0
+
+
+def _terminate(signum, frame):  # noqa: ARG001
+    if os.getpid() != _main_pid:
+        # A forked helper (pyroute2 forks to open sockets in a namespace) inherits this handler;
+        # it must die quietly, not unwind a copy of the test session and its cleanups.
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    release_run()
+
+
+def report_dir() -> Path:
+    return Path(os.environ[REPORT_ENV])
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    from conformance.requirements import load_catalogue
+
+    catalogue = load_catalogue()
+    unknown = []
+    for item in items:
+        for mark in item.iter_markers("rfc8684"):
+            if not mark.args:
+                unknown.append(f"{item.nodeid}: @rfc8684 names no requirement")
+            unknown += [f"{item.nodeid}: unknown requirement ID {rid!r}" for rid in mark.args
+                        if rid not in catalogue]
+    if unknown:
+        raise pytest.UsageError("requirement IDs not in the catalogue "
+                                f"({catalogue.source}):\n  " + "\n  ".join(unknown))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "family" in metafunc.fixturenames:
+        mark = metafunc.definition.get_closest_marker("families")
+        fams = list(mark.args) if mark else list(FAMILIES)
+        chosen = metafunc.config.getoption("mptcp_family")
+        if chosen:
+            fams = [f for f in fams if f in chosen]
+        metafunc.parametrize("family", fams, indirect=True)
+
+
+@pytest.fixture
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _require(*names: str) -> None:
+    from conformance import doctor
+
+    try:
+        doctor.require(*names)
+    except CapabilityMissing as exc:
+        pytest.skip(f"this machine cannot run the case: {exc}")
+
+
+def _artefact_dir(nodeid: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.replace("::", "__")).strip("_")
+    return report_dir() / "artefacts" / safe
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest, family: str):
+    """A running topology for one case (see conformance.lab.Lab); always torn down."""
+    _require(*ESSENTIAL)
+    from conformance.lab import Lab
+    from conformance.net.registry import make_topology
+
+    mark = request.node.get_closest_marker("topology")
+    name, params = (mark.args[0], dict(mark.kwargs)) if mark else ("two_path", {})
+    folder = _artefact_dir(request.node.nodeid)
+    request.node.user_properties += [("artefacts", str(folder)), ("topology", name), ("family", family)]
+    cleanup = Cleanup()
+    try:
+        the_lab = Lab(make_topology(name, family=family, **params), folder, cleanup, family=family)
+        yield the_lab
+    finally:
+        cleanup.run()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    result = yield
+    the_lab = getattr(item, "funcargs", {}).get("lab")
+    if the_lab is not None:
+        the_lab.expect.verdict()
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    ids = [rid for m in item.iter_markers("rfc8684") for rid in m.args]
+    if ids:  # a conformance case: carry what the report needs (xdist ships these to the controller)
+        report.user_properties.append(("requirements", ids))
+        doc = (getattr(getattr(item, "obj", None), "__doc__", None) or "").strip().splitlines()
+        report.user_properties.append(("description", doc[0] if doc else ""))
+        the_lab = getattr(item, "funcargs", {}).get("lab")
+        if call.when == "call" and the_lab is not None:
+            report.user_properties.append(("evidence", the_lab.expect.evidence()))
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _controller_config
+    if config is None or _partial_key not in config.stash:
+        return
+    partial = config.stash[_partial_key]
+    entry = partial.setdefault(report.nodeid, {"outcome": "pass", "reason": None, "duration": 0.0,
+                                               "props": {}})
+    entry["duration"] += report.duration
+    for key, value in report.user_properties:
+        entry["props"][key] = value
+    if report.skipped and report.when in ("setup", "call"):
+        entry["outcome"], entry["reason"] = "skip", _skip_reason(report)
+    elif report.failed:
+        if report.when == "call" and entry["outcome"] != "error":
+            entry["outcome"] = "fail"
+        else:
+            entry["outcome"] = "error"
+        entry["reason"] = (entry["reason"] + "\n" if entry["reason"] else "") + _failure_text(report)
+    if report.when == "teardown":
+        _finish_case(config, report.nodeid, partial.pop(report.nodeid))
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr)
+
+
+def _failure_text(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return crash.message
+    return str(report.longrepr).strip().splitlines()[-1] if report.longrepr else "failed"
+
+
+def _finish_case(config: pytest.Config, nodeid: str, entry: dict) -> None:
+    props = entry["props"]
+    ids = props.get("requirements")
+    if not ids:  # not a conformance case (a unit test of our own code)
+        return
+    config.stash[_results_key].cases.append(CaseResult(
+        id=nodeid, name=nodeid.split("::")[-1], description=props.get("description", ""),
+        requirements=list(ids), outcome=entry["outcome"], reason=entry["reason"],
+        duration_s=round(entry["duration"], 3), artefacts=props.get("artefacts"),
+        topology=props.get("topology"), family=props.get("family"),
+        implementations={"client": "linux", "server": "linux"}, evidence=props.get("evidence", [])))
+
+
+_controller_config: pytest.Config | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _controller_config
+    if _partial_key in session.config.stash:
+        _controller_config = session.config
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if _results_key not in config.stash:
+        return
+    results = config.stash[_results_key]
+    if not results.cases:
+        return
+    results.finished = dt.datetime.now(dt.UTC).isoformat()
+    results.environment = _environment()
+    from conformance.report.writers import write_all
+    from conformance.requirements import load_catalogue
+
+    folder = report_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_all(results, load_catalogue(), folder)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        counts = results.counts()
+        tr.write_line(f"mptcp-conformance report: {folder} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+
+
+def _environment() -> dict:
+    import platform
+
+    from conformance.proc import run
+
+    def version(argv: list[str]) -> str:
+        with contextlib.suppress(Exception):
+            out = run(argv, check=False)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        return "unavailable"
+
+    env = {"kernel": platform.release(), "python": platform.python_version(), "time": time.time()}
+    env["iproute2"] = version(["ip", "-V"])
+    env["tshark"] = version(["tshark", "--version"])
+    env["tcpdump"] = version(["tcpdump", "--version"])
+    for mod in ("scapy", "pyroute2", "mininet"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version as dist_version
+            env[mod] = dist_version(mod)
+    return env

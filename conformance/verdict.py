@@ -1,0 +1,64 @@
+"""Non-fatal expectations for conformance cases: every check runs, every failure is reported.
+
+A failure says what the requirement expects and what was seen on the wire (with capture file and
+frame) or in the kernel's counters; passed checks become the case's evidence in the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Check:
+    requirement: str | None
+    what: str
+    expected: str
+    seen: str
+    ok: bool
+
+    def __str__(self) -> str:
+        rid = f"[{self.requirement}] " if self.requirement else ""
+        if self.ok:
+            return f"{rid}{self.what}: {self.seen}"
+        return f"{rid}{self.what}: expected {self.expected}; seen {self.seen}"
+
+
+class CaseFailed(AssertionError):
+    """The implementation did not do what the requirement(s) ask (a conformance failure)."""
+
+
+@dataclass
+class Expect:
+    checks: list[Check] = field(default_factory=list)
+
+    def that(self, ok: bool, what: str, *, expected: str, seen: object, rid: str | None = None) -> bool:
+        self.checks.append(Check(rid, what, expected, str(seen), bool(ok)))
+        return bool(ok)
+
+    def equal(self, actual: object, wanted: object, what: str, *, seen: object | None = None,
+              rid: str | None = None) -> bool:
+        return self.that(actual == wanted, what, expected=repr(wanted),
+                         seen=f"{actual!r}" + (f" ({seen})" if seen is not None else ""), rid=rid)
+
+    def counter(self, counters: dict[str, dict[str, int]], node: str, name: str, wanted: int | range,
+                *, rid: str | None = None) -> bool:
+        full = name if name.startswith(("MPTcp", "Tcp")) else f"MPTcpExt{name}"
+        got = counters.get(node, {}).get(full, 0)
+        ok = got in wanted if isinstance(wanted, range) else got == wanted
+        want = (f"{wanted.start}..{wanted.stop - 1}" if isinstance(wanted, range) else str(wanted))
+        return self.that(ok, f"{node} counter {full}", expected=want, seen=f"{got}", rid=rid)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def evidence(self) -> list[str]:
+        return [str(c) for c in self.checks]
+
+    def verdict(self) -> None:
+        """Raise CaseFailed listing every failed check; a case that checked nothing is an error."""
+        if not self.checks:
+            raise CaseFailed("the case made no check on the wire or the counters")
+        if self.failures:
+            lines = "\n".join(f"  - {c}" for c in self.failures)
+            raise CaseFailed(f"{len(self.failures)} of {len(self.checks)} checks failed:\n{lines}")

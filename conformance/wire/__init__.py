@@ -1,0 +1,1 @@
+"""The MPTCP wire format and its cryptography (RFC 8684 §3)."""
