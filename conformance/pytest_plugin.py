@@ -66,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
 _main_pid = 0
 
 
-def _terminate(signum, frame):  # noqa: ARG001
+def _terminate(signum, frame):
     if os.getpid() != _main_pid:
         # A forked helper (pyroute2 forks to open sockets in a namespace) inherits this handler;
         # it must die quietly, not unwind a copy of the test session and its cleanups.

@@ -21,11 +21,13 @@ netem). Routers r<i> are where middleboxes attach.
     mn --custom topologies/two_path.py --topo two_path,family=dual --controller none
 """
 
+import inspect
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `mn --custom` runs from anywhere
-
+# `mn --custom` exec()s this file without __file__; the code object still knows its path.
+sys.path.insert(0, str(Path(inspect.currentframe().f_code.co_filename).resolve().parents[1]))
+import conformance.mn_bootstrap  # noqa: E402, F401  (our dependencies under the system's mn)
 from conformance.net.topo import PathTopo  # noqa: E402
 
 

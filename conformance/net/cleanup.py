@@ -36,7 +36,7 @@ class Cleanup:
             except OSError as exc:
                 if exc.errno not in _GONE:
                     failures.append(f"{what}: {exc}")
-            except Exception as exc:  # noqa: BLE001 - every failure is collected and re-raised below
+            except Exception as exc:
                 failures.append(f"{what}: {exc}\n{traceback.format_exc(limit=3)}")
         if failures:
             raise HarnessError("cleanup failed:\n  " + "\n  ".join(failures))

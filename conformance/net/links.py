@@ -60,12 +60,13 @@ class VethLink(Link):
     """A veth pair between two NetnsNodes (use with `cls=VethLink` in Topo.addLink)."""
 
     def __init__(self, node1, node2, **params):
-        params.setdefault("intf", VethIntf)
+        # Both ends must be ours whatever default interface class the caller (mn) passes.
+        params["intf"] = VethIntf
         super().__init__(node1, node2, **params)
 
     @classmethod
-    def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,  # noqa: N802
-                     deleteIntfs=True):  # noqa: N803 - Mininet's signature
+    def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,
+                     deleteIntfs=True):
         if node1 is None or node2 is None or not hasattr(node1, "netns") or not hasattr(node2, "netns"):
             raise TopologyError(f"VethLink {intfname1}<->{intfname2} needs two NetnsNode ends")
         peer = {"ifname": intfname2, "net_ns_fd": node2.netns}

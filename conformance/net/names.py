@@ -7,12 +7,13 @@ whose owner is gone; those of a live run, and anything without our prefix, are n
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ def run_prefix() -> str:
         (STATE_DIR / f"{PREFIX_STEM}{pid}.json").write_text(
             json.dumps({"pid": pid, "start": _start_time(pid), "cmd": _cmdline(pid)}))
         _prefix = f"{PREFIX_STEM}{pid}"
+        atexit.register(release_run)
     return _prefix
 
 
@@ -57,7 +59,8 @@ def run_tmpdir() -> Path:
 def release_run() -> None:
     """Forget this run: remove its owner record and temporary directory (its namespaces are gone)."""
     global _prefix
-    if _prefix is None:
+    # A forked child (pyroute2 forks helpers) inherits _prefix but owns nothing.
+    if _prefix is None or _prefix != f"{PREFIX_STEM}{os.getpid()}":
         return
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / f"{_prefix}.json").unlink()

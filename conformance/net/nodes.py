@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from pathlib import Path
+from typing import ClassVar
 
 from mininet.node import Node
 from pyroute2 import IPRoute
@@ -49,14 +50,14 @@ class NetnsNode(Node):
     """A Mininet node whose namespace is also bound as `/run/netns/<prefix>-<name>`."""
 
     role = "host"
-    sysctls: dict[str, str] = _BASE_SYSCTLS
+    sysctls: ClassVar[dict[str, str]] = _BASE_SYSCTLS
 
     def __init__(self, name: str, **params):
         self.netns = f"{run_prefix()}-{name}"
         self._ipr: IPRoute | None = None
         super().__init__(name, inNamespace=True, **params)
 
-    def startShell(self, mnopts=None):  # noqa: N802 - Mininet's name
+    def startShell(self, mnopts=None):
         super().startShell(mnopts)
         try:
             pr_netns.attach(self.netns, self.pid)
@@ -119,4 +120,4 @@ class Router(NetnsNode):
     """A Linux router in the middle of a path; middleboxes attach here."""
 
     role = "router"
-    sysctls = {**_BASE_SYSCTLS, **_ROUTER_SYSCTLS}
+    sysctls: ClassVar[dict[str, str]] = {**_BASE_SYSCTLS, **_ROUTER_SYSCTLS}

@@ -23,7 +23,7 @@ def topologies(folder: Path = TOPOLOGY_DIR) -> dict[str, Callable[..., MptcpTopo
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - any error in a user file is reported as bad input
+        except Exception as exc:
             raise InputError(f"{path}: cannot load topology file ({type(exc).__name__}: {exc})") from None
         topos = getattr(module, "topos", None)
         if not isinstance(topos, dict):

@@ -49,3 +49,16 @@ def only_handshake(segments: list[Segment], where: str) -> Handshake:
 
 def describe(seg: Segment | None) -> str:
     return "nothing" if seg is None else str(seg)
+
+
+def initial_subflow(segments: list[Segment], where: str) -> Handshake:
+    """The handshake whose SYN offers MP_CAPABLE (the connection's first subflow)."""
+    found = [h for h in handshakes(segments) if h.syn.mptcp("MP_CAPABLE")]
+    if not found:
+        raise HarnessError(f"{where}: no handshake with MP_CAPABLE in its SYN")
+    return found[0]
+
+
+def joins(segments: list[Segment]) -> list[Handshake]:
+    """Every handshake whose SYN carries MP_JOIN."""
+    return [h for h in handshakes(segments) if h.syn.mptcp("MP_JOIN")]

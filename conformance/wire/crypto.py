@@ -29,3 +29,11 @@ def join_hmac(own_key: int, peer_key: int, own_nonce: int, peer_nonce: int) -> b
 def join_synack_hmac(own_key: int, peer_key: int, own_nonce: int, peer_nonce: int) -> int:
     """The SYN/ACK carries the leftmost 64 bits of the responder's HMAC."""
     return int.from_bytes(join_hmac(own_key, peer_key, own_nonce, peer_nonce)[:8], "big")
+
+
+def add_addr_hmac(sender_key: int, receiver_key: int, addr_id: int, address: bytes, port: int | None) -> int:
+    """§3.4.1: rightmost 64 bits of HMAC(Key=(sender key ‖ receiver key), Msg=(ID ‖ address ‖ port)),
+    with a two-byte zero port when the option carries none."""
+    msg = bytes([addr_id]) + address + (port or 0).to_bytes(2, "big")
+    digest = hmac.new(_key_bytes(sender_key) + _key_bytes(receiver_key), msg, hashlib.sha256).digest()
+    return int.from_bytes(digest[-8:], "big")
