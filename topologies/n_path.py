@@ -17,8 +17,8 @@ from pathlib import Path
 
 # `mn --custom` exec()s this file without __file__; the code object still knows its path.
 sys.path.insert(0, str(Path(inspect.currentframe().f_code.co_filename).resolve().parents[1]))
-import conformance.mn_bootstrap  # noqa: E402, F401  (our dependencies under the system's mn)
-from conformance.net.topo import PathTopo  # noqa: E402
+import conformance.mn_bootstrap  # noqa: F401  (our dependencies under the system mn)
+from conformance.net.topo import PathTopo
 
 
 class NPath(PathTopo):
