@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conformance.errors import InputError, TopologyError
+from conformance.errors import HarnessError, InputError, TopologyError
+from conformance.net.cleanup import Cleanup
 from conformance.net.links import netem_available
 from conformance.net.names import run_prefix
-from conformance.net.network import network
+from conformance.net.network import Network, network
 from conformance.net.nodes import read_sysctl
 from conformance.net.registry import make_topology, topologies
 from conformance.net.shaping import LinkShape
@@ -234,9 +235,9 @@ def test_routing_plan(name, params, fam):
 
 
 @pytest.mark.parametrize(("params", "match"), [
-    ({"n": 0}, r"paths=0: expected an integer from 1 to 8"),
-    ({"n": 9}, r"paths=9: expected an integer from 1 to 8"),
-    ({"n": "2"}, r"paths='2': expected an integer"),
+    ({"n": 0}, r"\b(paths|n)=0: expected an integer from 1 to 8"),
+    ({"n": 9}, r"\b(paths|n)=9: expected an integer from 1 to 8"),
+    ({"n": "2"}, r"\b(paths|n)='2': expected an integer"),
     ({"family": "ipx"}, r"family='ipx': expected one of ipv4, ipv6, dual"),
     ({"multihomed": "x"}, r"multihomed='x': expected one of client, server, both"),
 ])
@@ -283,6 +284,14 @@ def test_link_shape_parses_times():
     assert not LinkShape.from_params(bw=10).empty
     for params in ({"delay": "1ms"}, {"loss": 1}, {"jitter": "1ms"}):
         assert LinkShape.from_params(**params).needs_netem
+
+
+def test_network_without_root_is_a_harness_error(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    cleanup = Cleanup()
+    with pytest.raises(HarnessError, match="needs root"):
+        Network(make_topology("two_path"), cleanup)
+    assert len(cleanup) == 0  # nothing was created, nothing to undo
 
 
 # --- what network() builds (root) --------------------------------------------------------------
@@ -448,7 +457,7 @@ def test_bw_link_gets_htb():
 def test_delay_without_netem_is_a_topology_error_and_leaves_nothing():
     if netem_available():
         pytest.skip("this kernel has netem")
-    with pytest.raises(TopologyError, match=r"delay=10\.0 needs the netem qdisc") as exc, \
+    with pytest.raises(TopologyError, match=r"delay=10(\.0)? ?(ms)? needs the netem qdisc") as exc, \
             network(make_topology("two_path", delay="10ms")):
         pytest.fail("the network came up with a delay and no netem")
     assert "netem" in str(exc.value) and "doctor" in str(exc.value)
