@@ -295,3 +295,66 @@ def test_ctrl_c_inside_the_with_block_removes_everything():
         assert not child.tmpdir.exists()
     finally:
         child.last_resort()
+
+
+# --- fixes: interrupts during teardown and bring-up, stray records, zombies, two networks -------
+
+def test_second_interrupt_during_teardown_still_undoes_everything():
+    done: list[str] = []
+    cleanup = Cleanup()
+    cleanup.defer("first", done.append, "first")
+    cleanup.defer("interrupted", _raise, KeyboardInterrupt())
+    cleanup.defer("last", done.append, "last")
+    with pytest.raises(KeyboardInterrupt):
+        cleanup.run()
+    assert done == ["last", "first"]
+    assert len(cleanup) == 0
+
+
+def test_deferred_interrupts_hold_the_signal_until_the_block_ends():
+    from conformance.net.cleanup import deferred_interrupts
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        reached_end = True
+    assert reached_end
+
+
+@needs_root
+def test_stray_file_in_state_dir_does_not_break_the_sweep():
+    stray = STATE_DIR / "mpc123.bak.json"
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    stray.write_text("{}")
+    try:
+        sweep_stale()
+        assert stray.exists()  # not ours to remove either
+    finally:
+        stray.unlink(missing_ok=True)
+
+
+@needs_root
+def test_unreaped_owner_counts_as_gone():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not owner_alive(proc.pid)
+    finally:
+        proc.wait()
+
+
+@needs_root
+def test_two_networks_in_one_process_do_not_collide():
+    from conformance.net.network import network
+    from conformance.net.registry import make_topology
+
+    with network(make_topology("two_path")) as first:
+        with network(make_topology("two_path")) as second:
+            assert first.netns("c1") != second.netns("c1")
+            assert netns_owner(second.netns("c1")) == os.getpid()
+        assert Path(f"/run/netns/{first.netns('c1')}").exists()
+    assert not any(n.startswith(f"{run_prefix()}-") for n in os.listdir("/run/netns"))

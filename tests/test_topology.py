@@ -282,8 +282,31 @@ def test_link_shape_parses_times():
     assert LinkShape.from_params().empty
     assert not LinkShape.from_params(bw=10).needs_netem
     assert not LinkShape.from_params(bw=10).empty
-    for params in ({"delay": "1ms"}, {"loss": 1}, {"jitter": "1ms"}):
+    for params in ({"delay": "1ms"}, {"loss": 1}, {"delay": "1ms", "jitter": "1ms"}):
         assert LinkShape.from_params(**params).needs_netem
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"jitter": "1ms"}, "needs a delay"),
+    ({"delay": -5}, "negative"),
+    ({"delay": True}, "expected a time"),
+    ({"bw": True}, "positive number"),
+])
+def test_link_shape_rejects_nonsense(params, words):
+    with pytest.raises(TopologyError, match=words):
+        LinkShape.from_params(**params)
+
+
+def test_misspelt_link_parameter_fails_without_root():
+    with pytest.raises(TopologyError, match="bandwidth"):
+        make_topology("two_path", bandwidth=10)
+    with pytest.raises(TopologyError, match="bw=-1"):
+        make_topology("two_path", bw=-1)
+
+
+def test_n_path_names_its_own_parameter():
+    with pytest.raises(TopologyError, match="n=0"):
+        make_topology("n_path", n=0)
 
 
 def test_network_without_root_is_a_harness_error(monkeypatch):

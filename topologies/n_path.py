@@ -18,11 +18,14 @@ from pathlib import Path
 # `mn --custom` exec()s this file without __file__; the code object still knows its path.
 sys.path.insert(0, str(Path(inspect.currentframe().f_code.co_filename).resolve().parents[1]))
 import conformance.mn_bootstrap  # noqa: F401  (our dependencies under the system mn)
+from conformance.errors import TopologyError
 from conformance.net.topo import PathTopo
 
 
 class NPath(PathTopo):
     def build(self, n=2, multihomed="client", **shape):
+        if not isinstance(n, int) or not 1 <= n <= 8:
+            raise TopologyError(f"n_path: n={n!r}: expected an integer from 1 to 8")
         super().build(paths=n, multihomed=multihomed, **shape)
 
 

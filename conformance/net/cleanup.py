@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import signal
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from conformance.errors import HarnessError
 
 # Undoing something that is already gone is fine; anything else is a cleanup failure.
 _GONE = {errno.ENOENT, errno.ENODEV, errno.ESRCH}
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back until the block ends (a second signal interrupts at once).
+
+    Bring-up forks many helpers; a KeyboardInterrupt raised inside an after-fork callback is only
+    printed ("Exception ignored in ...") and lost, and the build would carry on regardless."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner, pending = os.getpid(), []
+
+    def hold(signum, frame):
+        if os.getpid() != owner:  # a forked helper inherited this handler: just die
+            os._exit(128 + signum)
+        if pending:
+            raise KeyboardInterrupt(f"signal {signum}")
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        raise KeyboardInterrupt(f"signal {pending[0]}")
 
 
 class Cleanup:
@@ -29,6 +61,7 @@ class Cleanup:
         """Undo everything, newest first. Keeps going after a failure, then raises one error
         listing every failed step."""
         failures = []
+        interrupted: BaseException | None = None
         while self._stack:
             what, fn, args, kwargs = self._stack.pop()
             try:
@@ -38,6 +71,10 @@ class Cleanup:
                     failures.append(f"{what}: {exc}")
             except Exception as exc:
                 failures.append(f"{what}: {exc}\n{traceback.format_exc(limit=3)}")
+            except BaseException as exc:  # a second Ctrl-C: finish undoing first, then stop
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
         if failures:
             raise HarnessError("cleanup failed:\n  " + "\n  ".join(failures))
 

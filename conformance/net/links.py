@@ -11,13 +11,39 @@ import functools
 import ipaddress
 
 from mininet.link import Intf, Link
+from pyroute2.ethtool.ioctl import IoctlEthtool
 
 from conformance.errors import TopologyError
 from conformance.net.shaping import LinkShape, apply_shape
-from conformance.proc import run
+from conformance.proc import in_netns
 
 IFA_F_NODAD = 0x02
-OFFLOADS = ("tso", "gso", "gro")
+
+
+def _is_offload(name: str) -> bool:
+    """What `ethtool -K IF tso off gso off gro off` turns off: every TCP segmentation feature (new
+    kernels add more, e.g. tx-tcp-accecn-segmentation), GSO and GRO."""
+    return (name.startswith("tx-tcp") and name.endswith("-segmentation")) or name in (
+        "tx-generic-segmentation", "rx-gro")
+
+
+def offloads_off(netns: str, ifname: str) -> None:
+    """Turn segmentation offloads off with the ethtool ioctl (no process per interface), then check."""
+    with in_netns(netns):
+        eth = IoctlEthtool(ifname)  # the socket belongs to the namespace it was opened in
+    try:
+        features = eth.get_features()
+        wanted = [n for n in features.keys() if _is_offload(n)]  # noqa: SIM118 - iterating yields tuples
+        for name in wanted:
+            if features.is_available(name):
+                features[name] = False
+        eth.set_features(features)
+        after = eth.get_features()
+        still = [n for n in wanted if after[n]]
+    finally:
+        eth.close()
+    if still:
+        raise TopologyError(f"{netns}/{ifname}: cannot turn off offloads {still}")
 
 
 @functools.cache
@@ -40,7 +66,7 @@ class VethIntf(Intf):
         for a in self.addrs:
             ipr.addr("add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
                      flags=IFA_F_NODAD if a.version == 6 else 0)
-        run(["ethtool", "-K", self.name, *[x for o in OFFLOADS for x in (o, "off")]], netns=self.node.netns)
+        offloads_off(self.node.netns, self.name)
         ipr.link("set", index=index, state="up")
         apply_shape(self.node.netns, self.name, shape,
                     netem_available=netem_available() if shape.needs_netem else False)

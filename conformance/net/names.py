@@ -39,7 +39,7 @@ def _start_time(pid: int) -> str | None:
 def run_prefix() -> str:
     """The prefix of this process's run (created, with its owner record, on first use)."""
     global _prefix
-    if _prefix is None or not _prefix.endswith(str(os.getpid())):
+    if _prefix != f"{PREFIX_STEM}{os.getpid()}":  # unset, or inherited by a forked child
         pid = os.getpid()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         (STATE_DIR / f"{PREFIX_STEM}{pid}.json").write_text(
@@ -75,10 +75,27 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def netns_name(node: str) -> str:
+    """A free namespace name for `node` in this run: `<prefix>-<node>`, or `<prefix>-<k>-<node>`
+    when this process already runs another topology with a node of that name."""
+    prefix = run_prefix()
+    name, k = f"{prefix}-{node}", 2
+    while (NETNS_DIR / name).exists():
+        name, k = f"{prefix}-{k}-{node}", k + 1
+    return name
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def owner_alive(pid: int) -> bool:
     record = STATE_DIR / f"{PREFIX_STEM}{pid}.json"
     start = _start_time(pid)
-    if start is None:
+    if start is None or _state(pid) in ("Z", "X"):  # killed but not yet reaped is gone too
         return False
     try:
         recorded = json.loads(record.read_text()).get("start")
@@ -155,8 +172,10 @@ def sweep_stale() -> SweepReport:
             removed.append(name)
     if STATE_DIR.is_dir():
         for record in STATE_DIR.glob(f"{PREFIX_STEM}*.json"):
-            pid = int(record.stem[len(PREFIX_STEM):])
-            if not owner_alive(pid):
+            m = re.fullmatch(rf"{PREFIX_STEM}(\d+)", record.stem)
+            if m is None:  # not a record of ours: leave it
+                continue
+            if not owner_alive(int(m.group(1))):
                 record.unlink(missing_ok=True)
                 shutil.rmtree(Path(tempfile.gettempdir()) / f"mptcp-conformance-{record.stem}",
                               ignore_errors=True)

@@ -10,7 +10,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 
 from conformance.errors import HarnessError
-from conformance.net.cleanup import Cleanup
+from conformance.net.cleanup import Cleanup, deferred_interrupts
 from conformance.net.links import VethIntf, VethLink
 from conformance.net.nodes import Host, NetnsNode
 from conformance.net.topo import MptcpTopo
@@ -30,7 +30,8 @@ class Network:
         self.mn = Mininet(topo=topo, controller=None, host=Host, link=VethLink, intf=VethIntf,
                           build=False, autoSetMacs=False, waitConnected=False)
         cleanup.defer("stop topology", self.stop)
-        self.mn.build()
+        with deferred_interrupts():
+            self.mn.build()
         for node in self.nodes():
             node.close_netlink()  # a netlink socket per node is a forked helper: release after build
 

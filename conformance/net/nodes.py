@@ -15,7 +15,7 @@ from mininet.node import Node
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from conformance.net.names import remove_netns, run_prefix
+from conformance.net.names import netns_name, remove_netns
 from conformance.proc import in_netns
 
 _BASE_SYSCTLS = {
@@ -53,7 +53,8 @@ class NetnsNode(Node):
     sysctls: ClassVar[dict[str, str]] = _BASE_SYSCTLS
 
     def __init__(self, name: str, **params):
-        self.netns = f"{run_prefix()}-{name}"
+        self.netns = netns_name(name)
+        self._attached = False
         self._ipr: IPRoute | None = None
         super().__init__(name, inNamespace=True, **params)
 
@@ -61,6 +62,7 @@ class NetnsNode(Node):
         super().startShell(mnopts)
         try:
             pr_netns.attach(self.netns, self.pid)
+            self._attached = True
             write_sysctls(self.netns, self.sysctls)
         except BaseException:
             self.terminate()
@@ -109,7 +111,9 @@ class NetnsNode(Node):
         self.close_netlink()
         with contextlib.suppress(Exception):
             super().terminate()
-        remove_netns(self.netns)
+        if self._attached:  # never remove a namespace of the same name that is not ours
+            remove_netns(self.netns)
+            self._attached = False
 
 
 class Host(NetnsNode):

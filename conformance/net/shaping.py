@@ -19,7 +19,11 @@ _TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?\s*$")
 def _ms(value: object, what: str) -> float | None:
     if value is None:
         return None
+    if isinstance(value, bool):
+        raise TopologyError(f"{what}={value!r}: expected a time such as '10ms', '500us' or '0.1s'")
     if isinstance(value, int | float):
+        if value < 0:
+            raise TopologyError(f"{what}={value!r}: a time cannot be negative")
         return float(value)
     m = _TIME_RE.match(str(value))
     if not m:
@@ -40,13 +44,18 @@ class LinkShape:
 
     @classmethod
     def from_params(cls, bw=None, delay=None, jitter=None, loss=None, max_queue_size=None) -> LinkShape:
-        if bw is not None and (not isinstance(bw, int | float) or bw <= 0):
+        if bw is not None and (isinstance(bw, bool) or not isinstance(bw, int | float) or bw <= 0):
             raise TopologyError(f"bw={bw!r}: expected a positive number of Mbit/s")
-        if loss is not None and (not isinstance(loss, int | float) or not 0 <= loss <= 100):
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, int | float)
+                                 or not 0 <= loss <= 100):
             raise TopologyError(f"loss={loss!r}: expected a percentage between 0 and 100")
-        if max_queue_size is not None and (not isinstance(max_queue_size, int) or max_queue_size <= 0):
+        if max_queue_size is not None and (isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int)
+                                           or max_queue_size <= 0):
             raise TopologyError(f"max_queue_size={max_queue_size!r}: expected a positive packet count")
-        return cls(bw, _ms(delay, "delay"), _ms(jitter, "jitter"), loss, max_queue_size)
+        shape = cls(bw, _ms(delay, "delay"), _ms(jitter, "jitter"), loss, max_queue_size)
+        if shape.jitter_ms and not shape.delay_ms:
+            raise TopologyError(f"jitter={jitter!r} needs a delay= to vary around")
+        return shape
 
     @property
     def needs_netem(self) -> bool:
@@ -66,8 +75,8 @@ def apply_shape(netns: str, ifname: str, shape: LinkShape, *, netem_available: b
     if shape.empty:
         return
     if shape.needs_netem and not netem_available:
-        asked = ", ".join(f"{k}={v}" for k, v in (("delay", shape.delay_ms), ("jitter", shape.jitter_ms),
-                                                   ("loss", shape.loss)) if v)
+        asked = ", ".join(f"{k}={v:g}{unit}" for k, v, unit in (
+            ("delay", shape.delay_ms, "ms"), ("jitter", shape.jitter_ms, "ms"), ("loss", shape.loss, "%")) if v)
         raise TopologyError(f"{netns}/{ifname}: {asked} needs the netem qdisc, which this kernel lacks "
                             "(see `mptcp-conformance doctor`, qdisc netem); only bw= works here")
     want = []

@@ -21,6 +21,7 @@ from conformance.errors import TopologyError
 from conformance.net.links import VethLink
 from conformance.net.nodes import Host, Router
 from conformance.net.routing import Port, derive
+from conformance.net.shaping import LinkShape
 
 FAMILIES = ("ipv4", "ipv6", "dual")
 MULTIHOMED = ("client", "server", "both")
@@ -49,6 +50,10 @@ class MptcpTopo(Topo):
 
     def wire(self, a: str, b: str, v4: str, v6: str, **shape) -> None:
         """Link a (host .1 / ::1) and b (.2 / ::2) on subnets v4/v6, keeping the families asked for."""
+        try:
+            LinkShape.from_params(**shape)  # bad or misspelt link parameters fail here, without root
+        except TypeError as exc:
+            raise TopologyError(f"link {a}<->{b}: {exc}".replace("from_params()", "link parameters")) from None
         nets = []
         if self.family in ("ipv4", "dual"):
             nets.append(ipaddress.ip_network(v4))
