@@ -65,9 +65,7 @@ def test_add_addr_echo_and_join(lab):
         e.equal((joined[0].syn.dst, joined[0].syn.dport), (str(addr), mpc.syn.dport),
                 "a port-less ADD_ADDR is joined at the port of the subflow it came on", seen=joined[0].syn,
                 rid="R3.4.1-08")
-    for role, report in (("client", run.client), ("server", run.server)):
-        e.that(report.get("ok") is True, f"{role} received the peer's data intact", expected="ok",
-               seen={k: report.get(k) for k in ("bytes_received", "error")})
+    run.expect_intact(e)
     e.counter(run.counters, "s1", "AddAddrTx", 1)
     e.counter(run.counters, "c1", "AddAddr", 1)
     e.counter(run.counters, "c1", "EchoAddTx", 1)

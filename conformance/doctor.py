@@ -317,22 +317,35 @@ def probe_mptcp_info() -> Probe:
 
 # --- iproute2, tc, netfilter ------------------------------------------------------------------
 
-def probe_ip_mptcp() -> Probe:
-    needed = "path-manager endpoints and limits (MP_JOIN, ADD_ADDR, REMOVE_ADDR, MP_PRIO cases)"
+def _scratch_command_probe(name: str, tag: str, needed: str, commands: list[tuple[list[str], str | None]],
+                           failed: Callable[[CommandError], str], version_argv: list[str],
+                           detail: Callable[[str, list[str]], str], *, veth: bool = False) -> Probe:
+    """A probe that runs `commands` (argv, stdin) in a scratch namespace: ok when all succeed.
+    `failed` turns the failing command into the reason, `detail` the tool version and outputs into
+    what is shown."""
 
     def body() -> Probe:
-        with _scratch_netns("ipmptcp") as ns:
+        outputs = []
+        with _scratch_netns(tag, veth=veth) as ns:
             try:
-                run(["ip", "mptcp", "endpoint", "show"], netns=ns, timeout=10)
-                limits = run(["ip", "mptcp", "limits", "show"], netns=ns, timeout=10).stdout
+                for argv, stdin in commands:
+                    outputs.append(run(argv, netns=ns, input=stdin, timeout=10).stdout)
             except CommandError as exc:
-                return Probe("ip-mptcp", False, "",
-                             f"`{' '.join(exc.argv)}` failed ({_command_error(exc)}): MPTCP endpoints and "
-                             "limits cannot be configured", needed)
-        version = run(["ip", "-V"], timeout=10, check=False).stdout.strip()
-        return Probe("ip-mptcp", True, f"{version}; limits: {' '.join(limits.split())}", "", needed)
+                return Probe(name, False, "", failed(exc), needed)
+        version = run(version_argv, timeout=10, check=False).stdout.strip() if version_argv else ""
+        return Probe(name, True, detail(version, outputs), "", needed)
 
-    return _attempt("ip-mptcp", needed, body)
+    return _attempt(name, needed, body)
+
+
+def probe_ip_mptcp() -> Probe:
+    return _scratch_command_probe(
+        "ip-mptcp", "ipmptcp",
+        "path-manager endpoints and limits (MP_JOIN, ADD_ADDR, REMOVE_ADDR, MP_PRIO cases)",
+        [(["ip", "mptcp", "endpoint", "show"], None), (["ip", "mptcp", "limits", "show"], None)],
+        lambda exc: (f"`{' '.join(exc.argv)}` failed ({_command_error(exc)}): MPTCP endpoints and "
+                     "limits cannot be configured"),
+        ["ip", "-V"], lambda version, out: f"{version}; limits: {' '.join(out[-1].split())}")
 
 
 _QDISC_ARGS = {
@@ -354,21 +367,18 @@ def probe_qdisc(kind: str) -> Probe:
     name = f"qdisc:{kind}"
     needed, disables = _QDISC_NEEDS.get(kind, (f"{kind} shaping", f"the {kind} qdisc cannot be used"))
 
-    def body() -> Probe:
-        if kind not in _QDISC_ARGS:
-            raise ValueError(f"no minimal arguments known for qdisc {kind!r} (known: {sorted(_QDISC_ARGS)})")
-        with _scratch_netns(f"qdisc-{kind}", veth=True) as ns:
-            argv = ["tc", "qdisc", "add", "dev", "d0", "root", *_QDISC_ARGS[kind]]
-            try:
-                run(argv, netns=ns, timeout=10)
-            except CommandError as exc:
-                err = _command_error(exc)
-                missing = ("is missing from this kernel" if "unknown" in err.lower()
-                           else "was refused by this kernel")
-                return Probe(name, False, "", f"the {kind} qdisc {missing} (tc: {err}): {disables}", needed)
-        return Probe(name, True, " ".join(argv[6:]) + " accepted", "", needed)
+    if kind not in _QDISC_ARGS:
+        return Probe(name, False, "", f"no minimal arguments known for qdisc {kind!r} "
+                     f"(known: {sorted(_QDISC_ARGS)})", needed)
 
-    return _attempt(name, needed, body)
+    def failed(exc: CommandError) -> str:
+        err = _command_error(exc)
+        missing = "is missing from this kernel" if "unknown" in err.lower() else "was refused by this kernel"
+        return f"the {kind} qdisc {missing} (tc: {err}): {disables}"
+
+    return _scratch_command_probe(
+        name, f"qdisc-{kind}", needed, [(["tc", "qdisc", "add", "dev", "d0", "root", *_QDISC_ARGS[kind]], None)],
+        failed, [], lambda version, out: " ".join(_QDISC_ARGS[kind]) + " accepted", veth=True)
 
 
 _IPTABLES_ARGS = {
@@ -390,20 +400,13 @@ def probe_iptables_target(target: str) -> Probe:
     needed, disables = _IPTABLES_NEEDS.get(target, (f"rules using {target}",
                                                     f"{target} rules cannot be used"))
 
-    def body() -> Probe:
-        if target not in _IPTABLES_ARGS:
-            raise ValueError(f"no test rule known for iptables target {target!r} "
-                             f"(known: {sorted(_IPTABLES_ARGS)})")
-        with _scratch_netns(f"ipt-{target.lower()}") as ns:
-            try:
-                run(["iptables", *_IPTABLES_ARGS[target]], netns=ns, timeout=10)
-            except CommandError as exc:
-                return Probe(name, False, "",
-                             f"iptables rejected a {target} rule ({_command_error(exc)}): {disables}", needed)
-        version = run(["iptables", "--version"], timeout=10, check=False).stdout.strip()
-        return Probe(name, True, f"{version}: {target} rule accepted", "", needed)
-
-    return _attempt(name, needed, body)
+    if target not in _IPTABLES_ARGS:
+        return Probe(name, False, "", f"no test rule known for iptables target {target!r} "
+                     f"(known: {sorted(_IPTABLES_ARGS)})", needed)
+    return _scratch_command_probe(
+        name, f"ipt-{target.lower()}", needed, [(["iptables", *_IPTABLES_ARGS[target]], None)],
+        lambda exc: f"iptables rejected a {target} rule ({_command_error(exc)}): {disables}",
+        ["iptables", "--version"], lambda version, out: f"{version}: {target} rule accepted")
 
 
 # The suite's nft middleboxes match MPTCP options by subtype, so that is what is loaded here.
@@ -417,20 +420,12 @@ _NFT_TABLE = """table inet mpcdoctor {
 
 
 def probe_nft() -> Probe:
-    needed = "nft middleboxes (MPTCP option matching, payload rewriting for MP_FAIL)"
-
-    def body() -> Probe:
-        with _scratch_netns("nft") as ns:
-            try:
-                run(["nft", "-f", "-"], netns=ns, input=_NFT_TABLE, timeout=10)
-            except CommandError as exc:
-                return Probe("nft", False, "",
-                             f"nft could not load a table matching MPTCP options ({_command_error(exc)}): "
-                             "nft-based middleboxes cannot be built", needed)
-        version = run(["nft", "--version"], timeout=10, check=False).stdout.strip()
-        return Probe("nft", True, f"{version}: table with `tcp option mptcp` loaded", "", needed)
-
-    return _attempt("nft", needed, body)
+    return _scratch_command_probe(
+        "nft", "nft", "nft middleboxes (MPTCP option matching, payload rewriting for MP_FAIL)",
+        [(["nft", "-f", "-"], _NFT_TABLE)],
+        lambda exc: (f"nft could not load a table matching MPTCP options ({_command_error(exc)}): "
+                     "nft-based middleboxes cannot be built"),
+        ["nft", "--version"], lambda version, out: f"{version}: table with `tcp option mptcp` loaded")
 
 
 # --- tools and devices ------------------------------------------------------------------------

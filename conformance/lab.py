@@ -56,6 +56,13 @@ class TransferRun:
     def payload_bytes(self, intf: str) -> int:
         return sum(s.payload for s in self.segments(intf))
 
+    def expect_intact(self, e: Expect) -> None:
+        """Both ends received exactly the peer's bytes (sizes and SHA-256 in the endpoint reports)."""
+        for role, report in (("client", self.client), ("server", self.server)):
+            want = report.get("bytes_expected")
+            e.that(report.get("ok") is True, f"{role} received the peer's {want} bytes intact (SHA-256)",
+                   expected="ok", seen={k: report.get(k) for k in ("bytes_received", "error")})
+
 
 class Lab:
     def __init__(self, topo: MptcpTopo, folder: Path, cleanup: Cleanup, *, family: str = "ipv4"):
