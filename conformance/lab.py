@@ -72,6 +72,8 @@ class Lab:
         self._ports = iter(range(5201, 6000))
         self.transfers: list[TransferRun] = []
         self.expect = Expect()
+        # Which implementation plays each role (the report's matrix axis); only the local kernel yet.
+        self.implementations = {"client": "linux", "server": "linux"}
 
     # -- addressing ---------------------------------------------------------------------------
     def addresses(self, node: str) -> list[str]:

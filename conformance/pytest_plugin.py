@@ -138,7 +138,9 @@ def lab(request: pytest.FixtureRequest, family: str):
     mark = request.node.get_closest_marker("topology")
     name, params = (mark.args[0], dict(mark.kwargs)) if mark else ("two_path", {})
     folder = _artefact_dir(request.node.nodeid)
-    request.node.user_properties += [("artefacts", str(folder)), ("topology", name), ("family", family)]
+    # Relative to the report folder, so a moved report keeps working links.
+    request.node.user_properties += [("artefacts", str(folder.relative_to(report_dir()))),
+                                     ("topology", name), ("family", family)]
     cleanup = Cleanup()
     try:
         the_lab = Lab(make_topology(name, family=family, **params), folder, cleanup, family=family)
@@ -167,6 +169,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         the_lab = getattr(item, "funcargs", {}).get("lab")
         if call.when == "call" and the_lab is not None:
             report.user_properties.append(("evidence", the_lab.expect.evidence()))
+            report.user_properties.append(("checks", [
+                {"requirement": c.requirement, "ok": c.ok, "text": str(c)} for c in the_lab.expect.checks]))
+            report.user_properties.append(("implementations", dict(the_lab.implementations)))
     return report
 
 
@@ -215,7 +220,8 @@ def _finish_case(config: pytest.Config, nodeid: str, entry: dict) -> None:
         requirements=list(ids), outcome=entry["outcome"], reason=entry["reason"],
         duration_s=round(entry["duration"], 3), artefacts=props.get("artefacts"),
         topology=props.get("topology"), family=props.get("family"),
-        implementations={"client": "linux", "server": "linux"}, evidence=props.get("evidence", [])))
+        implementations=props.get("implementations", {}), evidence=props.get("evidence", []),
+        checks=props.get("checks", [])))
 
 
 _controller_config: pytest.Config | None = None

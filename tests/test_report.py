@@ -25,6 +25,10 @@ UNKNOWN = "R99-01"
 FAIL_REASON = "expected version 1 | got 0\nsecond line \x1b[31mred\x1b[0m \x00nul"
 
 
+def _check(rid: str | None, text: str, ok: bool = True) -> dict:
+    return {"requirement": rid, "ok": ok, "text": text}
+
+
 def make_results() -> RunResults:
     return RunResults(
         suite_version="0.1.0",
@@ -35,9 +39,9 @@ def make_results() -> RunResults:
             CaseResult(id="cases/test_handshake.py::test_mp_capable[v4]", name="test_mp_capable",
                        description="MP_CAPABLE handshake", requirements=[MUST_A, SHOULD_B],
                        outcome="pass", duration_s=1.5, artefacts="artefacts/test_mp_capable-v4",
-                       evidence=["SYN carried MP_CAPABLE version 1",
-                                 f"[{SHOULD_B}] MP_CAPABLE version: 1",
-                                 f"[{MUST_A}] keys differ: yes"]),
+                       checks=[_check(None, "SYN carried MP_CAPABLE version 1"),
+                               _check(SHOULD_B, f"[{SHOULD_B}] MP_CAPABLE version: 1"),
+                               _check(MUST_A, f"[{MUST_A}] keys differ: yes")]),
             CaseResult(id="cases/test_handshake.py::test_mp_capable[v6]", name="test_mp_capable",
                        description="MP_CAPABLE handshake", requirements=[MUST_A, MUST_C],
                        outcome="fail", reason=FAIL_REASON, duration_s=2.25,
@@ -81,7 +85,7 @@ def test_verdict_aggregation() -> None:
                        "cases/test_handshake.py::test_mp_capable[v6]"]
     assert any("expected version 1" in e for e in a.evidence)
     assert "SYN carried MP_CAPABLE version 1" in a.evidence
-    # Evidence tagged with another requirement's ID stays with that requirement.
+    # A check about another requirement stays with that requirement.
     assert f"[{MUST_A}] keys differ: yes" in a.evidence
     assert f"[{SHOULD_B}] MP_CAPABLE version: 1" not in a.evidence
     assert a.artefacts == ["artefacts/test_mp_capable-v4", "artefacts/test_mp_capable-v6"]
@@ -273,3 +277,34 @@ def test_failing_writer_keeps_previous_report(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(OSError):
         writers.write_all(RunResults(suite_version="9", started="y"), CAT, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_failed_check_counts_only_against_its_requirement() -> None:
+    """A case naming two requirements whose only failed check is about one of them."""
+    case = CaseResult(
+        id="cases/test_x.py::test_x", name="test_x", description="", requirements=[MUST_A, MUST_C],
+        outcome="fail", reason="1 of 2 checks failed",
+        checks=[{"requirement": MUST_A, "ok": False, "text": f"[{MUST_A}] flags: expected 1; seen 3"},
+                {"requirement": MUST_C, "ok": True, "text": f"[{MUST_C}] token matches"}])
+    results = RunResults(suite_version="0", started="t", cases=[case])
+    verdicts = writers.requirement_verdicts(results, CAT)
+    assert verdicts[MUST_A].verdict == "fail"
+    assert verdicts[MUST_C].verdict == "pass"
+    assert f"[{MUST_C}] token matches" in verdicts[MUST_C].evidence
+    assert not any("flags" in e for e in verdicts[MUST_C].evidence)
+    # A failed check about the whole case (no requirement) counts against every requirement.
+    case.checks.append({"requirement": None, "ok": False, "text": "data arrived corrupted"})
+    verdicts = writers.requirement_verdicts(results, CAT)
+    assert verdicts[MUST_C].verdict == "fail"
+
+
+def test_malformed_results_file_is_one_clear_error(tmp_path) -> None:
+    from conformance.errors import InputError
+
+    bad = tmp_path / "results.json"
+    bad.write_text('{"schema_version": 1, "cases": [')
+    with pytest.raises(InputError, match=r"results.json:1:\d+: not valid JSON"):
+        RunResults.read_json(bad)
+    bad.write_text('{"schema_version": 1, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}')
+    with pytest.raises(InputError, match=r"cases\[0\]: missing field\(s\) name"):
+        RunResults.read_json(bad)

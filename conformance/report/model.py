@@ -5,8 +5,10 @@ Documented in docs/results.md. Bump SCHEMA_VERSION on any incompatible change.""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+from conformance.errors import InputError
 
 SCHEMA_VERSION = 1
 OUTCOMES = ("pass", "fail", "skip", "error")
@@ -26,6 +28,9 @@ class CaseResult:
     family: str | None = None
     implementations: dict[str, str] = field(default_factory=dict)  # role -> implementation name
     evidence: list[str] = field(default_factory=list)  # sentences on what was seen on the wire
+    # Each check the case made: {"requirement": ID or None (about the whole case), "ok": bool,
+    # "text": what was expected and seen}. Lets a failure count against the requirement it is about.
+    checks: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -50,20 +55,46 @@ class RunResults:
         tmp.replace(path)
 
     @classmethod
-    def from_dict(cls, data: dict) -> RunResults:
+    def from_dict(cls, data: dict, source: str = "results") -> RunResults:
+        """Build from parsed JSON; unknown keys are ignored (newer writers), missing ones are errors."""
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"results schema_version {data.get('schema_version')!r}, "
+            raise InputError(f"{source}: schema_version {data.get('schema_version')!r}, "
                              f"this tool reads {SCHEMA_VERSION}")
-        cases = [CaseResult(**c) for c in data.get("cases", [])]
+        cases = []
+        for i, c in enumerate(data.get("cases", [])):
+            cases.append(_build(CaseResult, c, f"{source}: cases[{i}]"))
         rest = {k: v for k, v in data.items() if k != "cases"}
-        return cls(**rest, cases=cases)
+        return _build(cls, {**rest, "cases": cases}, source)
 
     @classmethod
     def read_json(cls, path: Path) -> RunResults:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data, str(path))
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(OUTCOMES, 0)
         for c in self.cases:
             out[c.outcome] += 1
         return out
+
+
+def _build(cls, data: object, where: str):
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    known = {f.name: f for f in fields(cls)}
+    required = [n for n, f in known.items()
+                if f.default is f.default_factory is MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: {exc}") from None

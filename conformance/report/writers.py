@@ -22,7 +22,6 @@ from conformance.requirements.catalogue import Catalogue, Requirement
 SUITE_NAME = "mptcp-conformance"
 VERDICTS = ("pass", "fail", "skip", "not-covered")
 LEVEL_GROUPS = ("MUST", "SHOULD", "MAY", "implicit")
-_TAG = re.compile(r"\[(R[^\]\s]+)\] ")
 _LEVEL_GROUP = {
     "MUST": "MUST", "MUST NOT": "MUST", "REQUIRED": "MUST", "SHALL": "MUST", "SHALL NOT": "MUST",
     "SHOULD": "SHOULD", "SHOULD NOT": "SHOULD", "RECOMMENDED": "SHOULD", "NOT RECOMMENDED": "SHOULD",
@@ -69,8 +68,21 @@ def requirement_verdicts(results: RunResults, catalogue: Catalogue) -> dict[str,
     return {rid: _aggregate(rid, cases, labels) for rid, cases in naming.items()}
 
 
+def case_outcome_for(case: CaseResult, rid: str) -> str:
+    """What `case` says about requirement `rid`.
+
+    A failed case counts against `rid` unless every failed check names another requirement: then
+    `rid` held in this case. A failure with no failed check (an exception) counts against all."""
+    if case.outcome != "fail":
+        return case.outcome
+    failed = [c for c in case.checks if not c.get("ok")]
+    if failed and all(c.get("requirement") not in (None, rid) for c in failed):
+        return "pass"
+    return "fail"
+
+
 def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> RequirementVerdict:
-    outcomes = {c.outcome for c in cases}
+    outcomes = {case_outcome_for(c, rid) for c in cases}
     if not cases:
         verdict = "not-covered"
     elif outcomes & {"fail", "error"}:
@@ -82,10 +94,11 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
         verdict = "skip"
     reasons: list[str] = []
     for c in cases:
-        if c.outcome in ("fail", "error") or (c.outcome == "skip" and verdict == "skip"):
-            word = {"skip": "skipped"}.get(c.outcome, c.outcome)
+        outcome = case_outcome_for(c, rid)
+        if outcome in ("fail", "error") or (outcome == "skip" and verdict == "skip"):
+            word = {"skip": "skipped"}.get(outcome, outcome)
             reasons.append(f"{labels[c.id]}: {word}" + (f": {c.reason}" if c.reason else ""))
-    evidence = [e for c in cases for e in c.evidence if _evidence_tag(e) in (None, rid)]
+    evidence = [e for c in cases for e in _evidence_of(c, rid)]
     return RequirementVerdict(
         id=rid,
         verdict=verdict,
@@ -95,11 +108,12 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     )
 
 
-def _evidence_tag(sentence: str) -> str | None:
-    # Checks tagged "[<id>] ..." (conformance.verdict.Check) belong to that requirement only; a case
-    # naming several requirements would otherwise credit each with the others' observations.
-    m = _TAG.match(sentence)
-    return m.group(1) if m else None
+def _evidence_of(case: CaseResult, rid: str) -> list[str]:
+    # Checks about one requirement belong to it only; a case naming several requirements would
+    # otherwise credit each with the others' observations.
+    if case.checks:
+        return [c["text"] for c in case.checks if c.get("requirement") in (None, rid)]
+    return list(case.evidence)
 
 
 def _case_labels(cases: Iterable[CaseResult]) -> dict[str, str]:

@@ -1,0 +1,57 @@
+"""The command line: argument errors, `report` on good and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conformance.cli import main
+from conformance.report.model import CaseResult, RunResults
+
+
+def test_unknown_subcommand_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid choice" in err
+
+
+def test_extra_arguments_outside_run_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["doctor", "--bogus"])
+    assert exc.value.code == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def _results(outcome: str) -> RunResults:
+    return RunResults(suite_version="0", started="t", cases=[
+        CaseResult(id="cases/test_a.py::test_a", name="test_a", description="", requirements=["R3.1-11"],
+                   outcome=outcome)])
+
+
+@pytest.mark.parametrize("outcome, code", [("pass", 0), ("fail", 1)])
+def test_report_renders_again_and_exits_by_outcome(tmp_path, outcome, code):
+    src = tmp_path / "results.json"
+    _results(outcome).write_json(src)
+    out = tmp_path / "again"
+    assert main(["report", str(src), "--out", str(out)]) == code
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "junit.xml"}
+    assert json.loads((out / "results.json").read_text())["cases"][0]["outcome"] == outcome
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{", "not valid JSON"),
+    ('{"schema_version": 99}', "schema_version 99"),
+    ('{"schema_version": 1, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}',
+     "cases[0]: missing field"),
+])
+def test_report_on_bad_results_is_one_error_and_writes_nothing(tmp_path, capsys, text, words):
+    src = tmp_path / "results.json"
+    src.write_text(text)
+    out = tmp_path / "out"
+    assert main(["report", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and str(src) in err
+    assert not out.exists() or not any(out.iterdir())
