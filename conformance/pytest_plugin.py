@@ -154,7 +154,7 @@ def pytest_runtest_call(item: pytest.Item):
     result = yield
     the_lab = getattr(item, "funcargs", {}).get("lab")
     if the_lab is not None:
-        the_lab.expect.verdict()
+        the_lab.expect.verdict(tuple(rid for m in item.iter_markers("rfc8684") for rid in m.args))
     return result
 
 

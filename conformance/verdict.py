@@ -55,10 +55,15 @@ class Expect:
     def evidence(self) -> list[str]:
         return [str(c) for c in self.checks]
 
-    def verdict(self) -> None:
-        """Raise CaseFailed listing every failed check; a case that checked nothing is an error."""
+    def verdict(self, claimed: tuple[str, ...] = ()) -> None:
+        """Raise CaseFailed listing every failed check. A case that checked nothing, or names a
+        requirement (`claimed`) without any check about it, proves nothing: that fails too."""
         if not self.checks:
             raise CaseFailed("the case made no check on the wire or the counters")
         if self.failures:
             lines = "\n".join(f"  - {c}" for c in self.failures)
             raise CaseFailed(f"{len(self.failures)} of {len(self.checks)} checks failed:\n{lines}")
+        unproved = [rid for rid in claimed if not any(c.requirement == rid for c in self.checks)]
+        if unproved:
+            raise CaseFailed(f"the case names {', '.join(unproved)} but made no check about "
+                             f"{'it' if len(unproved) == 1 else 'them'} (tag a check with rid=...)")
