@@ -37,3 +37,42 @@ def add_addr_hmac(sender_key: int, receiver_key: int, addr_id: int, address: byt
     msg = bytes([addr_id]) + address + (port or 0).to_bytes(2, "big")
     digest = hmac.new(_key_bytes(sender_key) + _key_bytes(receiver_key), msg, hashlib.sha256).digest()
     return int.from_bytes(digest[-8:], "big")
+
+
+def _ones_complement_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def dss_checksum(dsn: int, ssn: int, data_level_length: int, payload: bytes) -> int:
+    """§3.3.1: TCP checksum over the pseudo-header (64-bit DSN, relative SSN, data-level length,
+    two zero bytes) followed by the mapping's payload."""
+    header = dsn.to_bytes(8, "big") + ssn.to_bytes(4, "big") + data_level_length.to_bytes(2, "big") + b"\0\0"
+    return ~_ones_complement_sum(header + payload) & 0xFFFF
+
+
+def dss_checksum_ok(dsn: int, ssn: int, data_level_length: int, payload: bytes, checksum: int) -> bool:
+    """A received checksum verifies when the sum with it in the zero slot folds to all ones."""
+    header = (dsn.to_bytes(8, "big") + ssn.to_bytes(4, "big") + data_level_length.to_bytes(2, "big")
+              + checksum.to_bytes(2, "big"))
+    return _ones_complement_sum(header + payload) == 0xFFFF
+
+
+def verify_join_synack(truncated: int, responder_key: int, initiator_key: int, responder_nonce: int,
+                       initiator_nonce: int) -> bool:
+    return truncated == join_synack_hmac(responder_key, initiator_key, responder_nonce, initiator_nonce)
+
+
+def verify_join_ack(hmac20: bytes, initiator_key: int, responder_key: int, initiator_nonce: int,
+                    responder_nonce: int) -> bool:
+    return hmac.compare_digest(hmac20, join_hmac(initiator_key, responder_key, initiator_nonce,
+                                                 responder_nonce)[:20])
+
+
+def verify_add_addr(truncated: int, sender_key: int, receiver_key: int, addr_id: int, address: bytes,
+                    port: int | None) -> bool:
+    return truncated == add_addr_hmac(sender_key, receiver_key, addr_id, address, port)
