@@ -24,6 +24,7 @@ from scapy.fields import (
     FieldListField,
     FlagsField,
     ShortField,
+    StrField,
     StrLenField,
     XIntField,
     XLongField,
@@ -337,33 +338,35 @@ class MPTCPUnknown(MPTCPOption):
 
 
 class MPTCPMalformed(MPTCPOption):
-    """Bytes that fit no valid MPTCP option form; `problem` says why. Kept byte for byte."""
+    """Bytes that fit no valid MPTCP option form; `problem` says why. Kept byte for byte in `raw`."""
 
     name = "MPTCP malformed"
-    fields_desc = [ByteField("kind", KIND), ByteField("length", None),
-                   StrLenField("data", b"", length_from=lambda p: None)]
+    fields_desc = [StrField("raw", b"")]
 
     @classmethod
     def dispatch_hook(cls, _pkt: bytes | None = None, *args, **kwargs):
         return cls  # whatever the bytes say, they are kept as they are
 
-    def do_dissect(self, s: bytes) -> bytes:
-        self._raw_option = bytes(s)
-        self.fields["kind"] = s[0] if s else KIND
-        self.fields["length"] = s[1] if len(s) > 1 else None
-        self.fields["data"] = bytes(s[2:])
-        return b""
+    def post_build(self, p: bytes, pay: bytes) -> bytes:
+        return p + pay  # what was on the wire: rebuilding must not "fix" the length
+
+    @property
+    def length(self) -> int | None:
+        return self.raw[1] if len(self.raw) > 1 else None
+
+    @property
+    def subtype(self) -> int | None:
+        return self.raw[2] >> 4 if len(self.raw) > 2 else None
 
     @property
     def problem(self) -> str | None:
-        raw = getattr(self, "_raw_option", None)
-        return problem_of(raw if raw is not None else bytes(self)) or "no problem found in these bytes"
+        return problem_of(self.raw) or "no problem found in these bytes"
 
     def mysummary(self) -> str:
         return f"malformed MPTCP option: {self.problem}"
 
     def __repr__(self) -> str:
-        return f"<MPTCPMalformed {self.problem}: {getattr(self, '_raw_option', b'').hex()}>"
+        return f"<MPTCPMalformed {self.problem}: {self.raw.hex()}>"
 
 
 ALL_CLASSES: tuple[type[MPTCPOption], ...] = (MPCapable, MPJoinSyn, MPJoinSynAck, MPJoinAck, DSS, AddAddr,
@@ -372,8 +375,14 @@ ALL_CLASSES: tuple[type[MPTCPOption], ...] = (MPCapable, MPJoinSyn, MPJoinSynAck
 
 
 def parse_option(data: bytes) -> MPTCPOption:
-    """Dissect one MPTCP option (bytes from its kind byte on); never raises."""
+    """Dissect one MPTCP option (bytes from its kind byte on; bytes past its length are not part
+    of it); never raises."""
+    data = bytes(data)
+    if len(data) >= 2 and 3 <= data[1] <= len(data):
+        data = data[:data[1]]
+    if problem_of(data) is not None:
+        return MPTCPMalformed(data)
     try:
-        return MPTCPOption(bytes(data))
+        return MPTCPOption(data)
     except Exception:  # hostile bytes must come back as evidence, never as a crash
         return MPTCPMalformed(bytes(data))
