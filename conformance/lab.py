@@ -9,6 +9,7 @@ import ipaddress
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,9 +100,20 @@ class Lab:
     def transfer(self, *, client: str | None = None, server: str | None = None, up: int = MB,
                  down: int = MB, mptcp_client: bool = True, mptcp_server: bool = True,
                  wait_subflows: int = 1, connect_to: str | None = None, timeout: float = 120,
-                 snaplen: int = DEFAULT_SNAPLEN) -> TransferRun:
+                 snaplen: int = DEFAULT_SNAPLEN, abort_after: int | None = None,
+                 server_send_delay: float = 0.0, during: Callable[[int], object] | None = None) -> TransferRun:
         """Client sends `up` bytes, server sends `down` bytes, both at once; captures on every
-        interface of the topology. Returns the evidence; data integrity is in the reports."""
+        interface of the topology. Returns the evidence; data integrity is in the reports.
+
+        abort_after: the client stops after receiving that many bytes and closes with SO_LINGER 0,
+        so its kernel ends the connection with MP_FASTCLOSE/MP_TCPRST (the server's report then
+        shows the reset).
+        server_send_delay: the server holds its data and DATA_FIN back this long, so the client's
+        first data segment goes out before anything from the server (and carries MP_CAPABLE with
+        data, §3.1).
+        during: called with the transfer's port once the connection is established, while data
+        flows, for mid-connection actions (endpoint changes); the transfer is awaited after it
+        returns."""
         client = client or self.topo.client
         server = server or self.topo.server
         port = next(self._ports)
@@ -117,11 +129,13 @@ class Lab:
             cap = Capture([(n, self.net.netns(n), i) for n, i in self.topo.interfaces()], folder, local,
                           snaplen=snaplen)
             srv = self._start(server, "server", self.listen_address(), port, down, up, mptcp_server,
-                              wait_subflows, folder, local, timeout)
+                              wait_subflows, folder, local, timeout, send_delay=server_send_delay)
             dst = connect_to or self.connect_address(server)
             cli = self._start(client, "client", dst, port, up, down, mptcp_client, wait_subflows, folder,
-                              local, timeout)
+                              local, timeout, abort_after)
             self._snapshot_ss(endpoints, port, folder, cli)
+            if during is not None:
+                during(port)
             for proc in (cli, srv):
                 proc.wait(timeout + 10)
             # Let the last FIN/ACKs cross the links before the captures close.
@@ -144,12 +158,16 @@ class Lab:
         return result
 
     def _start(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
-               timeout) -> Background:
+               timeout, abort_after: int | None = None, send_delay: float = 0.0) -> Background:
         argv = [*TRANSFER, role, "--addr", addr, "--port", str(port), "--send", str(send), "--expect",
                 str(expect), "--report", str(folder / f"{role}.json"), "--wait-subflows", str(wait_subflows),
                 "--timeout", str(timeout)]
         if not mptcp:
             argv.append("--tcp")
+        if abort_after is not None:
+            argv += ["--abort-after", str(abort_after)]
+        if send_delay:
+            argv += ["--send-delay", str(send_delay)]
         proc = Background(argv, netns=self.net.netns(node), stdout=folder / f"{role}.out",
                           stderr=folder / f"{role}.err")
         cleanup.defer(f"stop {role} on {node}", proc.stop)

@@ -4,7 +4,11 @@ Run inside a topology host as `python -m conformance.endpoints.transfer server|c
 Each side sends a deterministic pseudo-random stream of --send bytes (seeded by its role, so the
 peer knows what to expect), half-closes, reads the peer's stream to EOF, checks its SHA-256, and
 writes a JSON report with what the kernel says about the connection: MPTCP_INFO, the subflow
-addresses, and whether the socket fell back to TCP. Exit 0 only when every byte matched."""
+addresses, and whether the socket fell back to TCP. Exit 0 only when every byte matched.
+
+With --abort-after N the side stops reading once N bytes have arrived and closes with SO_LINGER 0
+while the peer is still sending: the abortive close that makes the kernel send MP_FASTCLOSE
+(RFC 8684 §3.5) and MP_TCPRST (§3.6). Exit 0 then means the bytes it did read were the right ones."""
 
 from __future__ import annotations
 
@@ -97,8 +101,15 @@ def _total_subflows(info: dict | None) -> int:
     return info["subflows_total"] or info["subflows"] + 1
 
 
+def abort(sock: socket.socket) -> None:
+    """Close abortively: linger on with a zero timeout. An MPTCP socket closed this way (with unread
+    data, too) is torn down with MP_FASTCLOSE instead of DATA_FIN, and its subflows are reset."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflows: int,
-             wait_timeout: float) -> dict:
+             wait_timeout: float, abort_after: int | None = None, send_delay: float = 0.0) -> dict:
     peer_role = "server" if role == "client" else "client"
     report: dict = {"role": role, "bytes_to_send": send, "bytes_expected": expect}
     t0 = time.monotonic()
@@ -119,6 +130,9 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
 
     def sender() -> None:
         try:
+            # Holding back (data and DATA_FIN) lets the peer's first data segment go out before
+            # anything from this side, e.g. a client's MP_CAPABLE with data (RFC 8684 §3.1).
+            time.sleep(send_delay)
             first = min(send, FIRST_CHUNK) if wait_subflows > 1 else send
             sock.sendall(out[:first])
             if wait_subflows > 1:
@@ -140,6 +154,8 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
         h.update(chunk)
         if peak_info is None and received >= expect // 2:
             peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
+        if abort_after is not None and received >= abort_after:
+            return _aborted(sock, report, received, h.hexdigest(), peer_role, expect, t0)
     thread.join(120)
     report.update({
         "bytes_sent": send if not send_error and not thread.is_alive() else None,
@@ -160,6 +176,21 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     return report
 
 
+def _aborted(sock: socket.socket, report: dict, received: int, sha256_received: str, peer_role: str,
+             expect: int, t0: float) -> dict:
+    """Report of a side that closed abortively after `received` bytes (the sender thread may still
+    be blocked in send: it dies with the process; the kernel has already reset the connection)."""
+    info, subflows = mptcp_info(sock), subflow_addrs(sock)
+    abort(sock)
+    want = hashlib.sha256(stream(peer_role, expect)[:received]).hexdigest()
+    report.update({"aborted_after": received, "bytes_received": received, "sha256_received": sha256_received,
+                   "sha256_expected": want, "duration_s": round(time.monotonic() - t0, 3),
+                   "mptcp_info": info, "subflows": subflows,
+                   "fallback": info is None})
+    report["ok"] = report["sha256_received"] == want
+    return report
+
+
 def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
@@ -176,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-timeout", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout")
     ap.add_argument("--report", required=True, help="path of the JSON report to write")
+    ap.add_argument("--abort-after", type=int, default=None, metavar="BYTES",
+                    help="after receiving BYTES, close with SO_LINGER 0 (MP_FASTCLOSE) instead of finishing")
+    ap.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long before sending anything (data or DATA_FIN)")
     args = ap.parse_args(argv)
 
     proto = 0 if args.tcp else IPPROTO_MPTCP
@@ -200,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             sock.connect((args.addr, args.port))
             peer = sock.getpeername()
         sock.settimeout(args.timeout)
-        report = exchange(sock, args.role, args.send, args.expect, args.wait_subflows, args.wait_timeout)
-        report.update({"local": list(sock.getsockname()[:2]), "peer": list(peer[:2]),
-                       "socket": "tcp" if args.tcp else "mptcp"})
+        local = list(sock.getsockname()[:2])  # read now: an aborting exchange closes the socket
+        report = exchange(sock, args.role, args.send, args.expect, args.wait_subflows, args.wait_timeout,
+                          args.abort_after, args.send_delay)
+        report.update({"local": local, "peer": list(peer[:2]), "socket": "tcp" if args.tcp else "mptcp"})
         sock.close()
         if lsock is not None:
             lsock.close()
