@@ -2,7 +2,10 @@
 our own scapy codec joins it later as a second one).
 
 Fields mode (`-e`) keeps tshark fast on bulk captures. It flattens multi-occurrence fields, so
-option fields are handed back to the MPTCP option of the subtype that owns them, in order."""
+option fields are handed back to the MPTCP option of the subtype that owns them, in order.
+
+Known tshark 4.0 limitation: the DSS checksum is never shown (its dissector wants two bytes more
+than the option has), so `checksum` stays absent on DSS here; our codec is the only reader of it."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ _P = "tcp.options.mptcp."
 # Which subtypes carry each per-option field (tshark names without the common prefix).
 _OWNERS: dict[str, tuple[int, ...]] = {
     "version": (0,), "checksumreq.flags": (0,), "extensibility.flag": (0,), "nomoresubflows.flag": (0,),
-    "sha256.flag": (0,), "sendkey": (0,), "recvkey": (0, 7), "flags": (0, 1, 2, 5),
+    "sha256.flag": (0,), "sendkey": (0,), "recvkey": (0, 7), "flags": (0, 1, 2, 5, 8),
     "datalvllen": (0, 2), "checksum": (0, 2),
     "backup.flag": (1, 5), "addrid": (1, 3, 4, 5), "recvtok": (1,), "sendrand": (1,),
     "sendtrunchmac": (1,), "sendhmac": (1,),
@@ -109,15 +112,15 @@ def _options(layers: dict) -> list[MptcpOption]:
         if not values:
             continue
         holders = [o for o in opts if o.subtype in owners]
-        if key == "addrid" and any(o.subtype == 4 for o in holders):
-            # REMOVE_ADDR lists several IDs: give it whatever the others do not use.
-            others = [o for o in holders if o.subtype != 4]
-            for o, v in zip(others, values, strict=False):
-                o.fields[key] = [v]
-            rest = values[len(others):]
+        if key == "addrid":
+            # Hand the IDs out in option order, as many as each option carries: REMOVE_ADDR
+            # length-3 of them, v1 MP_PRIO (length 3) none, the others one.
+            at = 0
             for o in holders:
-                if o.subtype == 4:
-                    o.fields[key] = rest
+                n = (o.length or 3) - 3 if o.subtype == 4 else (0 if o.subtype == 5 and o.length == 3 else 1)
+                if n:
+                    o.fields[key] = values[at:at + n]
+                    at += n
             continue
         if len(holders) == 1:
             holders[0].fields[key] = values
