@@ -13,7 +13,7 @@ from conformance.wire.crypto import add_addr_hmac
 pytestmark = pytest.mark.topology("two_path_server")
 
 
-@pytest.mark.rfc8684("R3.4.1-08", "R3.4.1-L01", "R3.4.1-L02")
+@pytest.mark.rfc8684("R3.4.1-08", "R3.4.1-10", "R3.4.1-L01", "R3.4.1-L02")
 def test_add_addr_echo_and_join(lab):
     """Server signals its second address; the client echoes the ADD_ADDR and joins that address."""
     announced = lab.addresses("s1")[1]
@@ -25,13 +25,13 @@ def test_add_addr_echo_and_join(lab):
     segs = run.segments("c1-eth0")
     mpc = initial_subflow(segs, "c1-eth0")
     server, client = mpc.synack.src, mpc.syn.src
-    server_key = int(mpc.synack.mptcp("MP_CAPABLE")[0].get("sendkey"))
-    client_key = int(mpc.ack.mptcp("MP_CAPABLE")[0].get("sendkey"))
+    server_key = mpc.synack.mptcp("MP_CAPABLE")[0].get("sender_key")
+    client_key = mpc.ack.mptcp("MP_CAPABLE")[0].get("sender_key")
 
     def add_addrs(src, echo):
         return [(s, o) for s in segs if s.src == src for o in s.mptcp("ADD_ADDR") if o.get("echo") == echo]
 
-    sent, echoed = add_addrs(server, "0"), add_addrs(client, "1")
+    sent, echoed = add_addrs(server, 0), add_addrs(client, 1)
     e.that(bool(sent), "server sends ADD_ADDR for its second address", expected="an ADD_ADDR (E=0)",
            seen=f"{len(sent)} ADD_ADDR")
     e.that(bool(echoed), "client echoes the ADD_ADDR", expected="an ADD_ADDR with E=1",
@@ -40,19 +40,19 @@ def test_add_addr_echo_and_join(lab):
         return
     seg, opt = sent[0]
     addr = ipaddress.ip_address(announced)
-    field = "ipv4" if addr.version == 4 else "ipv6"
-    e.equal(opt.get(field), str(addr), "ADD_ADDR carries the announced address", seen=seg)
+    e.equal(opt.get("address"), addr.compressed, "ADD_ADDR carries the announced address", seen=seg)
     e.equal(opt.length, 16 if addr.version == 4 else 28, "ADD_ADDR length (no port, with HMAC)", seen=seg)
-    wanted = add_addr_hmac(server_key, client_key, int(opt.get("addrid")), addr.packed, None)
-    e.equal(int(opt.get("addaddrtrunchmac", "0")), wanted,
+    e.equal(opt.get("reserved"), 0, "ADD_ADDR unassigned flag bits are 0", seen=seg, rid="R3.4.1-10")
+    wanted = add_addr_hmac(server_key, client_key, opt.get("address_id"), addr.packed, None)
+    e.equal(opt.get("truncated_hmac"), wanted,
             "ADD_ADDR HMAC = rightmost 64 bits of HMAC(Key-A‖Key-B, ID‖address‖zero port)", seen=seg,
             rid="R3.4.1-L02")
     if echoed:
         eseg, eopt = echoed[0]
-        e.that(eopt.get(field) == str(addr) and eopt.get("addrid") == opt.get("addrid")
-               and eopt.get("addaddrtrunchmac") is None and eopt.length == (8 if addr.version == 4 else 20),
+        e.that(eopt.get("address") == addr.compressed and eopt.get("address_id") == opt.get("address_id")
+               and eopt.get("truncated_hmac") is None and eopt.length == (8 if addr.version == 4 else 20),
                "the echo repeats ID and address, with E=1 and without HMAC",
-               expected=f"ADD_ADDR E=1 id {opt.get('addrid')} {addr} length {8 if addr.version == 4 else 20}",
+               expected=f"ADD_ADDR E=1 id {opt.get('address_id')} {addr} length {8 if addr.version == 4 else 20}",
                seen=describe(eseg), rid="R3.4.1-L01")
 
     joined = joins(run.segments("s1-eth1"))

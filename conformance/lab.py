@@ -20,7 +20,9 @@ from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
 from conformance.net.topo import MptcpTopo
-from conformance.observe.tshark import Segment, decode
+from conformance.observe import tshark
+from conformance.observe.oracles import compare
+from conformance.observe.segments import Segment, decode
 from conformance.proc import Background, run
 from conformance.verdict import Expect
 
@@ -41,8 +43,12 @@ class TransferRun:
     notes: list[str] = field(default_factory=list)
 
     def segments(self, intf: str) -> list[Segment]:
-        """The TCP segments of this transfer's port seen on `intf`."""
+        """The TCP segments of this transfer's port seen on `intf`, decoded by our codec."""
         return [s for s in decode(self.pcaps[intf]) if self.port in (s.sport, s.dport)]
+
+    def tshark_segment(self, intf: str, frame: int) -> tshark.Segment | None:
+        """tshark's view of one frame (the second oracle: e.g. its token of a key it saw)."""
+        return next((s for s in tshark.decode(self.pcaps[intf]) if s.frame == frame), None)
 
     def streams(self, intf: str) -> dict[int, list[Segment]]:
         out: dict[int, list[Segment]] = {}
@@ -154,8 +160,20 @@ class Lab:
             reports[role] = json.loads(path.read_text())
         result = TransferRun(folder, reports["client"], reports["server"], counters,
                              {p.intf: p.path for p in cap.pcaps}, port)
+        self._cross_check(result, {i for n, i in self.topo.interfaces() if n in (client, server)})
         self.transfers.append(result)
         return result
+
+    def _cross_check(self, run: TransferRun, intfs: set[str]) -> None:
+        """Our codec against tshark on the endpoints' captures: a disagreement fails the case as an
+        oracle disagreement, with the frames and fields, instead of trusting either decoder."""
+        for intf in sorted(intfs):
+            agreement = compare(run.pcaps[intf])
+            shown = "; ".join(str(d) for d in agreement.disagreements[:5])
+            self.expect.that(not agreement.disagreements,
+                             f"oracle: our codec and tshark agree on every MPTCP option in {intf}.pcap",
+                             expected="no disagreement",
+                             seen=shown or f"{agreement.options} options and {agreement.fields} fields agree")
 
     def _start(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
                timeout, abort_after: int | None = None, send_delay: float = 0.0) -> Background:
