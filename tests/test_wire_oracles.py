@@ -5,18 +5,19 @@
    DATA_FIN and checksums, ADD_ADDR v4/v6 with and without port and its echo, REMOVE_ADDR, MP_PRIO,
    MP_FASTCLOSE, MP_TCPRST), in IPv4 and IPv6. Every MPTCP option of every TCP segment is decoded
    by our codec (scapy's pcap reader, `PcapReader`, the streaming form of `rdpcap`, after
-   `import conformance.wire`) and by tshark (`-T json -e`), and every field tshark exposes is compared.
+   `import conformance.wire`), by the bulk decoder the cases use, and by tshark (`-T fields -e`),
+   and every field tshark exposes is compared.
 2. Synthetic packets of every subtype and field combination, built with our classes and written
    with `wrpcap`, compared the same way (plus our own build/dissect round trip).
 3. Cryptography against the kernel: tokens and IDSNs (against tshark and the kernel's MPTCP_INFO),
    MP_JOIN HMACs, ADD_ADDR HMACs, MP_FASTCLOSE keys, and DSS checksums recomputed over the
    reassembled payload of each mapping.
 
-tshark's `-e` mode flattens fields: a field that occurs in several options of one segment comes
-back as one list, in option order. So we build, per option, what tshark should show (in tshark's
-notation) and compare per field the concatenation over the segment's options; a field only one
-option carries is thereby compared per option. Where tshark does not show a field at all (see
-TSHARK_BLIND) the kernel's cryptography is the oracle instead."""
+The comparison itself is the library's (conformance.observe.oracles: tshark_frames, tshark_view,
+compare_frames), the one every case runs after each transfer. Here it is fed twice per capture:
+with our scapy decode (converted by oracles.option_of) and with the bulk decoder cases use
+(conformance.observe.segments); both must agree with tshark and with each other. Where tshark does
+not show a field at all (oracles.TSHARK_BLIND) the kernel's cryptography is the oracle instead."""
 
 from __future__ import annotations
 
@@ -24,12 +25,10 @@ import concurrent.futures
 import ipaddress
 import json
 import os
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -43,10 +42,20 @@ import conformance.wire  # noqa: F401  (scapy's TCP layer decodes kind 30 into o
 from conformance import doctor
 from conformance.errors import CapabilityMissing
 from conformance.net.names import our_netns, run_prefix
+from conformance.observe import segments
+from conformance.observe.oracles import (
+    IDSN,
+    TOKEN,
+    Agreement,
+    compare,
+    compare_frames,
+    option_of,
+    subtype_name,
+    tshark_frames,
+)
 from conformance.wire import crypto, mptcp_options
 from conformance.wire.options import (
     DSS,
-    SUBTYPES,
     AddAddr,
     MPCapable,
     MPExperimental,
@@ -64,15 +73,6 @@ from conformance.wire.options import (
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="builds network namespaces and captures: needs root")
 
-P = "tcp.options.mptcp."
-TOKEN, IDSN, RM_COUNT = "mptcp.expected_token", "mptcp.expected_idsn", "mptcp.rm_addr.count"
-EXTRA_FIELDS = (RM_COUNT, TOKEN, IDSN)
-CRYPTO_FIELDS = (TOKEN, IDSN)  # tshark's own SHA-256 of a key: compared with crypto.token()/idsn()
-# Fields our model knows tshark leaves out, and why; there the kernel (crypto) is the oracle.
-TSHARK_BLIND = {
-    (DSS, P + "checksum"): "tshark 4.0 never shows a DSS checksum: packet-tcp.c adds it only when "
-                           "optlen >= offset - start_offset + 4, i.e. 2 bytes more than the option has",
-}
 REQUIRED_SUBTYPES = ("MP_CAPABLE", "MP_JOIN", "DSS", "ADD_ADDR", "REMOVE_ADDR", "MP_PRIO", "MP_FASTCLOSE",
                      "MP_TCPRST")
 # Forms the live kernel must have produced (so the comparison cannot pass on a thin corpus).
@@ -80,28 +80,6 @@ REQUIRED_FORMS = ("MP_CAPABLE/4", "MP_CAPABLE/12", "MP_CAPABLE/20", "MP_CAPABLE/
                   "MP_JOIN/12", "MP_JOIN/16", "MP_JOIN/24", "ADD_ADDR/8", "ADD_ADDR/10", "ADD_ADDR/16",
                   "ADD_ADDR/18", "ADD_ADDR/20", "ADD_ADDR/22", "ADD_ADDR/28", "ADD_ADDR/30")
 MAX_SHOWN = 25
-
-
-# -- tshark ---------------------------------------------------------------------------------------
-@cache
-def tshark_fields() -> tuple[str, ...]:
-    """Every MPTCP option field this tshark has (`tshark -G fields`), plus the derived ones we check."""
-    out = subprocess.run(["tshark", "-G", "fields"], capture_output=True, text=True, check=True).stdout
-    names = [cols[2] for line in out.splitlines() if len(cols := line.split("\t")) > 2
-             and cols[0] == "F" and cols[2].startswith(P)]
-    return (*sorted(names), *EXTRA_FIELDS)
-
-
-def tshark_frames(pcap: Path) -> dict[int, dict[str, list[str]]]:
-    """frame number -> {field: values in dissection order} for every TCP segment of `pcap`."""
-    argv = ["tshark", "-n", "-r", str(pcap), "-o", "mptcp.analyze_mptcp:TRUE", "-Y", "tcp", "-T", "json",
-            "-e", "frame.number", "-e", "tcp.option_kind", "-e", "tcp.option_len"]
-    for name in tshark_fields():
-        argv += ["-e", name]
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    if cp.returncode != 0:
-        raise AssertionError(f"tshark failed on {pcap}: {cp.stderr.strip()[:300]}")
-    return {int(p["_source"]["layers"]["frame.number"][0]): p["_source"]["layers"] for p in json.loads(cp.stdout)}
 
 
 # -- our codec -----------------------------------------------------------------------------------
@@ -141,208 +119,21 @@ def decode_ours(pcap: Path) -> dict[int, Frame]:
     return frames
 
 
-def subtype_name(opt: MPTCPOption) -> str:
-    if isinstance(opt, MPTCPUnknown):
-        return f"unknown subtype {opt.subtype}"
-    return SUBTYPES.get(type(opt).subtype_id, type(opt).__name__)
+def as_options(frames: dict[int, Frame]) -> dict[int, list[segments.Option]]:
+    """Our scapy decode in the form the library compares (class name, field values, bytes)."""
+    return {number: [option_of(o) for o in f.options] for number, f in frames.items()}
 
 
-def form_of(opt: MPTCPOption) -> str:
-    return f"{subtype_name(opt)}/{opt.length}"
+def bulk_options(pcap: Path) -> dict[int, list[segments.Option]]:
+    """The bulk decoder's view of the same capture (what the cases judge and compare at run time)."""
+    return {s.frame: s.options for s in segments.decode(pcap)}
 
 
-# -- what tshark should show for one option ------------------------------------------------------
-def _bit(value: int, mask: int) -> str:
-    return "1" if value & mask else "0"
-
-
-def _hex(value: int, width: int) -> str:
-    return f"0x{value:0{width}x}"
-
-
-def tshark_view(opt: MPTCPOption) -> dict[str, list[str]]:
-    """The fields (full tshark names) and values (tshark's -e notation) tshark should show for `opt`."""
-    v: dict[str, list[str]] = {P + "subtype": [str(opt.subtype)]}
-
-    def put(name: str, value: object) -> None:
-        if value is not None:
-            v.setdefault(name if name.startswith("mptcp.") else P + name, []).append(str(value))
-
-    if isinstance(opt, MPCapable):
-        flags = int(opt.flags)
-        put("version", opt.version)
-        put("flags", _hex(flags, 2))
-        put("checksumreq.flags", _bit(flags, 0x80))
-        put("extensibility.flag", _bit(flags, 0x40))
-        if opt.version == 0:  # RFC 6824: no C flag, S (SHA-1) is bit H, D..G plus C reserved
-            put("sha1.flag", _bit(flags, 0x01))
-            put("reserved.flag", _hex((flags >> 1) & 0x1F, 2))
-        else:
-            put("nomoresubflows.flag", _bit(flags, 0x20))
-            put("sha256.flag", _bit(flags, 0x01))
-            put("reserved.flag", _hex((flags >> 1) & 0x0F, 2))
-        put("sendkey", opt.sender_key)
-        put("recvkey", opt.receiver_key)
-        put("datalvllen", opt.data_level_length)
-        put("checksum", None if opt.checksum is None else _hex(opt.checksum, 4))
-        if opt.sender_key is not None and opt.version == 1 and flags & 0x01:
-            put(TOKEN, crypto.token(opt.sender_key))
-            put(IDSN, crypto.idsn(opt.sender_key))
-    elif isinstance(opt, MPJoinSyn | MPJoinSynAck):
-        put("flags", _hex(0x10 | opt.reserved << 1 | opt.backup, 2))  # tshark: the whole subtype byte
-        put("backup.flag", opt.backup)
-        put("addrid", opt.address_id)
-        if isinstance(opt, MPJoinSyn):
-            put("recvtok", opt.receiver_token)
-        else:
-            put("sendtrunchmac", opt.sender_truncated_hmac)
-        put("sendrand", opt.sender_random)
-    elif isinstance(opt, MPJoinAck):
-        put("reserved", _hex(opt.reserved, 4))
-        put("sendhmac", bytes(opt.sender_hmac).hex())
-    elif isinstance(opt, DSS):
-        flags = int(opt.flags)
-        put("flags", _hex((opt.reserved & 0x7) << 5 | flags, 2))  # tshark: the whole flags byte
-        for name, mask in (("datafin", 0x10), ("dseqn8", 0x08), ("dseqnpresent", 0x04), ("dataack8", 0x02),
-                           ("dataackpresent", 0x01)):
-            put(f"{name}.flag", _bit(flags, mask))
-        put("rawdataack", opt.data_ack)
-        put("rawdataseqno", opt.dsn)
-        put("subflowseqno", opt.ssn)
-        put("datalvllen", opt.data_level_length)
-        put("checksum", None if opt.checksum is None else _hex(opt.checksum, 4))
-    elif isinstance(opt, AddAddr):
-        put("echo", opt.echo)
-        put("addrid", opt.address_id)
-        put("ipv6" if ipaddress.ip_address(opt.address).version == 6 else "ipv4", opt.address)
-        put("port", opt.port)
-        put("addaddrtrunchmac", opt.truncated_hmac)
-    elif isinstance(opt, RemoveAddr):
-        for addr_id in opt.address_ids:
-            put("addrid", addr_id)
-        put(RM_COUNT, len(opt.address_ids))
-    elif isinstance(opt, MPPrio):
-        put("flags", _hex(0x50 | opt.reserved << 1 | opt.backup, 2))
-        put("backup.flag", opt.backup)
-        put("addrid", opt.address_id)
-    elif isinstance(opt, MPFail):
-        put("reserved", _hex(opt.reserved, 4))
-        put("rawdataseqno", opt.dsn)
-    elif isinstance(opt, MPFastclose):
-        put("reserved", _hex(opt.reserved, 4))
-        put("recvkey", opt.receiver_key)
-    elif isinstance(opt, MPTCPRst):
-        flags = int(opt.flags)
-        put("flags", _hex(0x80 | flags, 2))
-        for name, mask in (("U", 0x8), ("V", 0x4), ("W", 0x2), ("T", 0x1)):
-            put(f"flag_{name}.flag", _bit(flags, mask))
-        put("rst_reason", _hex(opt.reason, 2))
-    elif not isinstance(opt, MPExperimental | MPTCPUnknown):
-        raise AssertionError(f"no tshark view for {opt!r}")
-    return v
-
-
-# -- comparison ----------------------------------------------------------------------------------
-@dataclass
-class Tally:
-    """Agreement counts and every disagreement, across all frames compared."""
-
-    pcaps: int = 0
-    frames: int = 0
-    options: Counter = field(default_factory=Counter)  # subtype -> options compared
-    agreed: Counter = field(default_factory=Counter)  # subtype -> options whose every field agreed
-    fields: Counter = field(default_factory=Counter)  # "subtype field" -> values that agreed
-    forms: Counter = field(default_factory=Counter)  # "subtype/length" -> options
-    blind: Counter = field(default_factory=Counter)  # "subtype field" -> values tshark did not show
-    crypto: Counter = field(default_factory=Counter)  # tshark token/IDSN equal to ours
-    disagreements: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return {"pcaps": self.pcaps, "frames": self.frames,
-                "per_subtype": {s: {"options": n, "all_fields_agree": self.agreed[s]}
-                                for s, n in sorted(self.options.items())},
-                "per_field": dict(sorted(self.fields.items())), "forms": dict(sorted(self.forms.items())),
-                "tshark_blind": dict(self.blind), "tshark_crypto_agree": dict(self.crypto),
-                "disagreements": len(self.disagreements)}
-
-    def failure(self, what: str) -> str:
-        shown = "\n  ".join(self.disagreements[:MAX_SHOWN])
-        more = len(self.disagreements) - MAX_SHOWN
-        return (f"{what}: {len(self.disagreements)} disagreement(s) between our codec and tshark:\n  {shown}"
-                + (f"\n  ... and {more} more" if more > 0 else ""))
-
-
-def _mptcp_lengths(layers: dict[str, list[str]]) -> list[str]:
-    lengths = iter(layers.get("tcp.option_len", []))
-    out = []
-    for kind in layers.get("tcp.option_kind", []):
-        length = None if kind in ("0", "1") else next(lengths, None)  # EOL and NOP carry no length
-        if kind == "30":
-            out.append(length)
-    return out
-
-
-def compare_frame(where: str, opts: list[MPTCPOption], layers: dict[str, list[str]], tally: Tally) -> None:
-    """Compare one segment's MPTCP options, as our codec and tshark decode them, field by field."""
-    tally.frames += 1
-
-    def disagree(what: str, ours: object, theirs: object, who: Iterable[int]) -> None:
-        named = ", ".join(f"#{i + 1} {subtype_name(opts[i])} {bytes(opts[i]).hex()}" for i in who) or "-"
-        tally.disagreements.append(f"{where}: {what}: ours {ours} vs tshark {theirs} (option {named})")
-
-    lengths = _mptcp_lengths(layers)
-    ours_lengths = [str(o.length) for o in opts]
-    if lengths != ours_lengths:
-        disagree("MPTCP option lengths (tcp.option_len of kind 30)", ours_lengths, lengths, range(len(opts)))
-        return
-    views = [tshark_view(o) for o in opts]
-    ok = [True] * len(opts)
-    shown = {k for k in layers if k.startswith(P) or k in EXTRA_FIELDS}
-    for name in sorted(shown | {k for v in views for k in v}):
-        who = [i for i, v in enumerate(views) if name in v]
-        theirs = layers.get(name, [])
-        if name in CRYPTO_FIELDS and not who:
-            continue  # tshark hashes a key with an algorithm we do not model (v0, no H flag)
-        full = [x for i in who for x in views[i][name]]
-        sighted = [x for i in who if (type(opts[i]), name) not in TSHARK_BLIND for x in views[i][name]]
-        if theirs == full:
-            unseen = []
-        elif theirs == sighted:
-            unseen = [i for i in who if (type(opts[i]), name) in TSHARK_BLIND]
-        else:
-            disagree(f"field {name}", full, theirs, who)
-            for i in who:
-                ok[i] = False
-            continue
-        short = name.removeprefix(P)
-        for i in who:
-            key = f"{subtype_name(opts[i])} {short}"
-            if i in unseen:
-                tally.blind[key] += len(views[i][name])
-            elif name in CRYPTO_FIELDS:
-                tally.crypto[key] += len(views[i][name])
-            else:
-                tally.fields[key] += len(views[i][name])
-    for i, opt in enumerate(opts):
-        tally.options[subtype_name(opt)] += 1
-        tally.forms[form_of(opt)] += 1
-        if ok[i]:
-            tally.agreed[subtype_name(opt)] += 1
-            tally.fields[f"{subtype_name(opt)} length"] += 1
-
-
-def compare_pcap(pcap: Path, ours: dict[int, Frame], theirs: dict[int, dict[str, list[str]]], tally: Tally,
-                 label: str) -> None:
-    tally.pcaps += 1
-    for number in sorted(set(ours) | set(theirs)):
-        where = f"{label} frame {number}"
-        if number not in theirs or number not in ours:
-            has = ours[number].options if number in ours else _mptcp_lengths(theirs[number])
-            if has:
-                tally.disagreements.append(f"{where}: a TCP segment with MPTCP options only "
-                                           f"{'we' if number in ours else 'tshark'} decoded")
-            continue
-        compare_frame(where, ours[number].options, theirs[number], tally)
+def failure(what: str, agreement: Agreement, labels: dict[str, str]) -> str:
+    shown = "\n  ".join(f"{labels.get(d.pcap, d.pcap)}: {d}" for d in agreement.disagreements[:MAX_SHOWN])
+    more = agreement.disagreed - min(MAX_SHOWN, len(agreement.disagreements))
+    return (f"{what}: {agreement.disagreed} disagreement(s) between our codec and tshark:\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
 # -- the live corpus, decoded by both ------------------------------------------------------------
@@ -351,7 +142,9 @@ class Decoded:
     corpus: Corpus
     ours: dict[Path, dict[int, Frame]]
     theirs: dict[Path, dict[int, dict[str, list[str]]]]
-    tally: Tally
+    tally: Agreement  # our scapy decode against tshark
+    bulk: Agreement  # the bulk decoder (what cases compare) against tshark
+    labels: dict[str, str]  # pcap path -> label naming scenario and transfer
     seconds: float
 
 
@@ -371,15 +164,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 def decoded(corpus: Corpus) -> Decoded:
     t0 = time.monotonic()
     pcaps = [p.path for p in corpus.endpoint_pcaps()]
-    tally = Tally()
+    tally, bulk = Agreement(), Agreement()
     # tshark runs in other processes while this one decodes with scapy.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = {path: pool.submit(tshark_frames, path) for path in pcaps}
         ours = {path: decode_ours(path) for path in pcaps}
         theirs = {path: f.result() for path, f in futures.items()}
+    labels = {}
     for p in corpus.endpoint_pcaps():
-        compare_pcap(p.path, ours[p.path], theirs[p.path], tally, _label(corpus, p))
-    return Decoded(corpus, ours, theirs, tally, time.monotonic() - t0)
+        labels[str(p.path)] = _label(corpus, p)
+        tally.add(compare_frames(p.path, as_options(ours[p.path]), theirs[p.path], most=MAX_SHOWN))
+        bulk.add(compare_frames(p.path, bulk_options(p.path), theirs[p.path], most=MAX_SHOWN))
+    return Decoded(corpus, ours, theirs, tally, bulk, labels, time.monotonic() - t0)
 
 
 def _label(corpus: Corpus, p: CorpusPcap) -> str:
@@ -395,8 +191,8 @@ def _write_summary(tmp_path: Path, name: str, data: dict) -> None:
 def test_live_corpus_exercises_every_subtype(decoded: Decoded, tmp_path: Path):
     """The comparison cannot pass vacuously: the kernel sent every subtype and form listed."""
     corpus, tally = decoded.corpus, decoded.tally
-    missing = [s for s in REQUIRED_SUBTYPES if not tally.options[s]]
-    assert not missing, f"subtypes never seen in the live corpus: {missing} (seen: {dict(tally.options)})"
+    missing = [s for s in REQUIRED_SUBTYPES if not tally.per_subtype[s]]
+    assert not missing, f"subtypes never seen in the live corpus: {missing} (seen: {dict(tally.per_subtype)})"
     forms = [f for f in REQUIRED_FORMS if not tally.forms[f]]
     assert not forms, f"forms never seen in the live corpus: {forms} (seen: {dict(tally.forms)})"
     dss = Counter(int(o.flags) for frames in decoded.ours.values() for f in frames.values()
@@ -413,11 +209,16 @@ def test_live_corpus_exercises_every_subtype(decoded: Decoded, tmp_path: Path):
 
 
 def test_live_codec_agrees_with_tshark(decoded: Decoded, tmp_path: Path):
-    """Every field tshark shows for every MPTCP option of every segment equals our decode."""
-    tally = decoded.tally
+    """Every field tshark shows for every MPTCP option of every segment equals our decode, by our
+    scapy classes and by the bulk decoder alike."""
+    tally, bulk = decoded.tally, decoded.bulk
     _write_summary(tmp_path, "live-agreement.json", tally.summary())
-    assert not tally.disagreements, tally.failure("live corpus")
-    assert sum(tally.options.values()) == sum(tally.agreed.values())
+    assert not tally.disagreed, failure("live corpus", tally, decoded.labels)
+    assert sum(tally.per_subtype.values()) == sum(tally.per_subtype_agreed.values())
+    assert tally.unchecked == 0
+    assert not bulk.disagreed, failure("live corpus, bulk decoder", bulk, decoded.labels)
+    assert (bulk.per_subtype, bulk.per_field, bulk.forms, bulk.fields) == \
+           (tally.per_subtype, tally.per_field, tally.forms, tally.fields)
 
 
 # -- synthetic packets ---------------------------------------------------------------------------
@@ -512,14 +313,20 @@ def test_synthetic_codec_agrees_with_tshark(tmp_path: Path):
         for b, d in zip(built, frame.options, strict=True):
             for name, value in b.fields.items():
                 if name != "length" and value is not None and d.getfieldval(name) != value:
-                    roundtrip.append(f"frame {number}: {subtype_name(b)} {name} built {value!r}, "
+                    roundtrip.append(f"frame {number}: {subtype_name(option_of(b))} {name} built {value!r}, "
                                      f"decoded {d.getfieldval(name)!r}")
     assert not roundtrip, "build/dissect round trip:\n  " + "\n  ".join(roundtrip[:MAX_SHOWN])
-    tally = Tally()
-    compare_pcap(pcap, ours, theirs, tally, "synthetic.pcap")
+    tally = compare_frames(pcap, as_options(ours), theirs, most=MAX_SHOWN)
     _write_summary(tmp_path, "synthetic-agreement.json", tally.summary())
-    assert not tally.disagreements, tally.failure("synthetic packets")
-    assert {s for s in tally.options} >= {*REQUIRED_SUBTYPES, "MP_FAIL", "MP_EXPERIMENTAL"}
+    assert not tally.disagreed, tally.failure("synthetic packets")
+    assert {s for s in tally.per_subtype} >= {*REQUIRED_SUBTYPES, "MP_FAIL", "MP_EXPERIMENTAL"}
+    assert sum(tally.per_subtype.values()) == sum(tally.per_subtype_agreed.values()) == \
+           sum(len(opts) for _, opts in packets)
+    assert tally.blind["DSS checksum"] > 0 and tally.unchecked == 0
+    # The run-time path (bulk decoder, its own tshark run) finds the same.
+    bulk = compare(pcap, most=MAX_SHOWN)
+    assert not bulk.disagreed, bulk.failure("synthetic packets, bulk decoder")
+    assert (bulk.per_subtype, bulk.per_field, bulk.fields) == (tally.per_subtype, tally.per_field, tally.fields)
 
 
 # -- cryptography against the kernel -------------------------------------------------------------
