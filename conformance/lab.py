@@ -20,8 +20,7 @@ from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
 from conformance.net.topo import MptcpTopo
-from conformance.observe import tshark
-from conformance.observe.oracles import compare
+from conformance.observe.oracles import TOKEN, compare, tshark_frames
 from conformance.observe.segments import Segment, decode
 from conformance.proc import Background, run
 from conformance.verdict import Expect
@@ -46,9 +45,10 @@ class TransferRun:
         """The TCP segments of this transfer's port seen on `intf`, decoded by our codec."""
         return [s for s in decode(self.pcaps[intf]) if self.port in (s.sport, s.dport)]
 
-    def tshark_segment(self, intf: str, frame: int) -> tshark.Segment | None:
-        """tshark's view of one frame (the second oracle: e.g. its token of a key it saw)."""
-        return next((s for s in tshark.decode(self.pcaps[intf]) if s.frame == frame), None)
+    def tshark_token(self, intf: str, frame: int) -> str | None:
+        """The token tshark derives from the key in `frame` (the second oracle), as 8 hex digits."""
+        values = tshark_frames(self.pcaps[intf]).get(frame, {}).get(TOKEN)
+        return f"{int(values[0]):08x}" if values else None
 
     def streams(self, intf: str) -> dict[int, list[Segment]]:
         out: dict[int, list[Segment]] = {}

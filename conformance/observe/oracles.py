@@ -26,7 +26,7 @@ import concurrent.futures
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -73,7 +73,18 @@ def tshark_fields() -> tuple[str, ...]:
 def tshark_frames(pcap: Path | str) -> dict[int, dict[str, list[str]]]:
     """frame number -> {field: values in dissection order} for every TCP segment of `pcap`, as
     `tshark -T json -e` would give them (only the fields present; tcp.option_kind and
-    tcp.option_len included). Fields mode (`-T fields`) gives the same values, faster."""
+    tcp.option_len included). Fields mode (`-T fields`) gives the same values, faster.
+    Cached per file and modification time: treat the result as read-only."""
+    path = Path(pcap)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        raise InputError(f"{pcap}: no such capture file") from None
+    return _tshark_frames(str(path), mtime)
+
+
+@lru_cache(maxsize=32)
+def _tshark_frames(pcap: str, mtime: float) -> dict[int, dict[str, list[str]]]:
     names = (*_FRAME_FIELDS, *tshark_fields())
     argv = ["tshark", "-n", "-r", str(pcap), "-o", "mptcp.analyze_mptcp:TRUE", "-Y", "tcp", "-T", "fields",
             "-E", "occurrence=a", "-E", f"aggregator={_AGGREGATOR}", "-E", "separator=/t", "-E", "header=n"]
