@@ -146,7 +146,7 @@ def built(draw) -> bytes:
     return raw
 
 
-@settings(max_examples=5000, deadline=None)
+@settings(max_examples=3000, deadline=None)
 @given(built())
 def test_built_options_decode_like_scapy(raw):
     name, fields = assert_same(raw)
@@ -210,17 +210,18 @@ def test_random_and_mutated_bytes_decode_like_scapy():
 
 
 def test_every_length_of_every_subtype():
-    """Exhaustive over subtype x length x fourth byte (DSS flags live there): 16 * 256 * 32 cases."""
+    """Every subtype with every length a TCP header can carry (and some it cannot: REMOVE_ADDR's
+    list limit in scapy sits at 103), each DSS flags byte, random bodies: 21,056 cases."""
     rng = random.Random(3)
     n = 0
-    for subtype in range(16):
-        for length in range(256):
-            for b3 in (*range(32), *rng.sample(range(32, 256), 8)):
-                body = rng.randbytes(max(0, length - 4))
-                raw = bytes([30, length, subtype << 4 | rng.randrange(16), b3]) + body
+    for length in (*range(48), *range(100, 107), 255):
+        for subtype in range(16):
+            fourth = range(256) if subtype == 2 else rng.sample(range(256), 8)
+            for b3 in fourth:
+                raw = bytes([30, length, subtype << 4 | rng.randrange(16), b3]) + rng.randbytes(max(0, length - 4))
                 assert_same(raw)
                 n += 1
-    assert n == 16 * 256 * 40
+    assert n == 56 * (256 + 15 * 8)
 
 
 def test_decode_option_values_and_odd_inputs():
@@ -530,7 +531,7 @@ def test_real_capture_matches_scapy_and_tshark(tmp_path):
     from conformance.lab import MB, Lab
     from conformance.net.cleanup import Cleanup
     from conformance.net.registry import make_topology
-    from conformance.observe.tshark import decode
+    from conformance.observe.oracles import tshark_frames
 
     try:
         doctor.require("root", "socket:mptcp", "tcpdump", "tshark", "mnexec", "ethtool")
@@ -562,14 +563,12 @@ def test_real_capture_matches_scapy_and_tshark(tmp_path):
             for name, _ in p.options:
                 names[name] = names.get(name, 0) + 1
             total_opts += len(p.options)
-        # tshark (the suite's decoder today) agrees on frames, times, flags and lengths.
-        segs = decode(path)
-        assert [s.frame for s in segs] == [p.frame for p in ours]
-        for s, p in zip(segs, ours, strict=True):
-            assert (s.src, s.dst, s.sport, s.dport, s.flags, s.seq, s.ack, s.payload) == (
-                p.src, p.dst, p.sport, p.dport, p.flags, p.seq, p.ack, p.payload_len), p.frame
-            assert s.time == pytest.approx(p.time, abs=1e-6)
-            assert [o.subtype for o in s.options] == [f["subtype"] for _, f in p.options]
+        # tshark (the second oracle) sees the same TCP segments and the same MPTCP subtypes in them.
+        frames = tshark_frames(path)
+        assert sorted(frames) == [p.frame for p in ours]
+        for p in ours:
+            subtypes = frames[p.frame].get("tcp.options.mptcp.subtype", [])
+            assert [int(v) for v in subtypes] == [f["subtype"] for _, f in p.options], p.frame
         total_pkts += len(ours)
     assert total_pkts > 1000 and total_opts >= 0.9 * total_pkts
     assert {"MPCapable", "MPJoinSyn", "MPJoinSynAck", "MPJoinAck", "DSS"} <= set(names), names

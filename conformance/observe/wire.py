@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from conformance.errors import HarnessError
-from conformance.observe.tshark import Segment
+from conformance.observe.segments import Segment
 
 
 @dataclass

@@ -4,13 +4,15 @@
 Ethernet (with 802.1Q/802.1ad tags), raw IP, IPv4, IPv6, Linux cooked SLL and SLL2, BSD null
 and loopback; it parses IPv4 and IPv6 (skipping hop-by-hop, routing, destination-options and
 AH headers; non-first fragments are not TCP) and the TCP header with `struct`, and yields one
-`Packet` per TCP segment. Option bytes are only walked when a kind-30 byte is in them at all,
-and MPTCP options are only decoded into fields when `Packet.options` is first read.
+`Packet` per TCP segment; frames with truncated headers are skipped and counted (`PcapStats`,
+`pcap_stats`), a broken file is one InputError naming it and the byte offset. Option bytes are
+only walked when a kind-30 byte is in them at all, and MPTCP options are only decoded into
+fields when `Packet.options` is first read.
 
 `decode_option(raw)` gives, for any bytes, the same class name and field values as our scapy
-classes (`conformance.wire.options`) give for `MPTCPOption(raw)`, as `scapy_fields()` converts
-them: tests/test_wire_bulk.py checks that byte for byte. Validity is `problem_of`'s, so an
-option is malformed here exactly when it is malformed there."""
+classes (`conformance.wire.options`) give for `parse_option(raw)`, as `scapy_fields()` converts
+them: tests/test_wire_bulk.py checks that on built, random, mutated and captured options.
+Validity is `problem_of`'s, so an option is malformed here exactly when it is malformed there."""
 
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scapy.config import conf as scapy_conf
+from scapy.fields import ConditionalField, FlagValue
 
 from conformance.errors import InputError
 from conformance.wire.options import (
     ADD_ADDR_LENGTHS,
     KIND,
     MP_CAPABLE_LENGTHS,
+    MPTCPMalformed,
     RemoveAddr,
     dss_length,
     problem_of,
@@ -237,10 +241,6 @@ def scapy_fields(opt) -> dict:
     Conditional fields that are absent are left out; flags become ints, lists are copied. For
     MPTCPMalformed (whose one field is `raw`): kind and length (None where the bytes end before
     them), data (every byte after the length byte) and the problem."""
-    from scapy.fields import ConditionalField, FlagValue
-
-    from conformance.wire.options import MPTCPMalformed
-
     if isinstance(opt, MPTCPMalformed):
         raw = bytes(opt.raw)
         return {"kind": raw[0] if raw else None, "length": opt.length, "data": raw[2:], "problem": opt.problem}
@@ -352,9 +352,13 @@ _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 
 def _mptcp_chunks(opts: bytes) -> list[bytes]:
     """The kind-30 options among TCP option bytes, cut the way conformance.wire.tcpopts does."""
-    out = []
     n = len(opts)
-    i = 12 if opts[:4] == _NOP_NOP_TS else 0  # Linux's usual start: NOP, NOP, Timestamps (10 bytes)
+    i = 0
+    if opts[:4] == _NOP_NOP_TS:  # Linux's usual start: NOP, NOP, Timestamps (10 bytes) ...
+        i = 12
+        if n > 13 and opts[12] == KIND and opts[13] == n - 12:  # ... then one MPTCP option to the end
+            return [opts[12:]]
+    out = []
     while i < n:
         kind = opts[i]
         if kind == 0:  # EOL: the rest is padding
@@ -370,9 +374,31 @@ def _mptcp_chunks(opts: bytes) -> list[bytes]:
     return out
 
 
-def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame: int, time: float):
+# Ethernet type; IPv4 version/IHL, total length, fragment field, protocol, addresses; TCP up to its flags.
+_ETH_IP4_TCP = struct.Struct("!12xHBxHxxHxBxxIIHHIIBB").unpack_from
+
+
+def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame: int, time: float,
+             _fast=_ETH_IP4_TCP, _v4=_V4):
     """The Packet in the frame at buf[o:o + caplen], or one of _NOT_TCP, _FRAGMENT, _MALFORMED."""
     end = o + caplen
+    # The hot path, one unpack: Ethernet, IPv4 without options, not a fragment, TCP.
+    if linktype == 1 and caplen >= 54:
+        et, vihl, total, frag, proto, s, d, sport, dport, seq, ack, off, fl = _fast(buf, o)
+        if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x1FFF:
+            hl = (off >> 4) * 4
+            if total == 0:
+                total = origlen - 14
+            payload = total - 20 - hl
+            if hl < 20 or 34 + hl > caplen or payload < 0:
+                return _MALFORMED
+            if hl > 20:
+                opts = buf[o + 54:o + 34 + hl]
+                raw = _mptcp_chunks(opts) if KIND in opts else []
+            else:
+                raw = []
+            return Packet(frame, time, _v4.get(s) or _ipv4_str(s), _v4.get(d) or _ipv4_str(d), sport, dport,
+                          (off & 15) << 8 | fl, seq, ack, payload, 4, raw)
     # -- link layer
     if linktype == _LT_ETHERNET:
         p = o + 14
@@ -517,32 +543,6 @@ def _open_header(path: Path) -> tuple[str, bytes]:
     return "pcap", head
 
 
-class _Reader:
-    """A file read in large chunks; `need(n)` makes n bytes available at `pos` of `buf`."""
-
-    __slots__ = ("base", "buf", "f", "pos")
-
-    def __init__(self, f):
-        self.f, self.buf, self.pos, self.base = f, b"", 0, 0
-
-    def need(self, n: int) -> bool:
-        """True if n bytes from pos are in buf (reading more as needed); False at end of file."""
-        if self.pos + n <= len(self.buf):
-            return True
-        tail = self.buf[self.pos:]
-        self.base += self.pos
-        more = self.f.read(max(_CHUNK, n - len(tail)))
-        self.buf, self.pos = tail + more, 0
-        return n <= len(self.buf)
-
-    @property
-    def offset(self) -> int:
-        return self.base + self.pos
-
-    def left(self) -> int:
-        return len(self.buf) - self.pos
-
-
 def _pcap_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
     with open(path, "rb") as f:
         head = f.read(24)
@@ -596,110 +596,139 @@ def _pcap_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
                 frame, tcp, not_tcp, frags, bad, nopts)
 
 
+class _NgFormats:
+    """The structs of one pcapng section's byte order."""
+
+    def __init__(self, endian: str):
+        self.endian = endian
+        self.head = struct.Struct(endian + "II").unpack_from  # block type, block total length
+        self.u32 = struct.Struct(endian + "I").unpack_from
+        self.epb = struct.Struct(endian + "IIIII").unpack_from  # interface, ts high, ts low, caplen, origlen
+        self.pb = struct.Struct(endian + "HHIIII").unpack_from  # the obsolete Packet Block's
+        self.idb = struct.Struct(endian + "HHI").unpack_from
+        self.opt = struct.Struct(endian + "HH").unpack_from
+        self.i64 = struct.Struct(endian + "q").unpack_from
+
+
+_NG = {"<": _NgFormats("<"), ">": _NgFormats(">")}
+
+
 def _pcapng_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
     with open(path, "rb") as f:
-        r = _Reader(f)
-        endian = "<"
-        u32 = struct.Struct("<I").unpack_from
-        interfaces: list[tuple[int, int, int]] = []  # (linktype, ticks per second, offset seconds)
+        read, segment = f.read, _segment
+        buf, pos, size, base = b"", 0, 0, 0  # buf holds the file from byte offset base on
+        fm = _NG["<"]
+        head, u32, epb = fm.head, fm.u32, fm.epb
+        interfaces: list[tuple[int, int, float, int]] = []  # (linktype, ticks/s, 1/ticks, offset s)
         frame = tcp = not_tcp = frags = bad = nopts = 0
-        t0: tuple[int, int] | None = None  # (seconds, nanoseconds) of the first packet
-        last = (0, 0)
+        sec0, frac0 = None, 0.0  # the first packet's time: whole seconds, fraction
+        sec, frac = 0, 0.0  # the last timestamped packet's (a Simple Packet Block has none)
         try:
             while True:
-                if not r.need(12):
-                    if r.left():
-                        raise InputError(f"{path}: truncated block header at byte offset {r.offset} "
-                                         f"({r.left()} of 12 bytes)")
-                    break
-                start = r.offset
-                btype = int.from_bytes(r.buf[r.pos:r.pos + 4], "little" if endian == "<" else "big")
-                if btype == _PCAPNG_SHB:
-                    bom = r.buf[r.pos + 8:r.pos + 12]
+                if pos + 12 > size:
+                    buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
+                    size = len(buf)
+                    if size < 12:
+                        if size:
+                            raise InputError(f"{path}: truncated block header at byte offset {base} "
+                                             f"({size} of 12 bytes)")
+                        break
+                btype, blen = head(buf, pos)
+                if btype == _PCAPNG_SHB:  # a new section, perhaps in the other byte order
+                    bom = buf[pos + 8:pos + 12]
                     if bom == b"\x4d\x3c\x2b\x1a":
-                        endian = "<"
+                        fm = _NG["<"]
                     elif bom == b"\x1a\x2b\x3c\x4d":
-                        endian = ">"
+                        fm = _NG[">"]
                     else:
-                        raise InputError(f"{path}: bad byte-order magic 0x{bom.hex()} at byte offset {start + 8}")
-                    u32 = struct.Struct(endian + "I").unpack_from
+                        raise InputError(f"{path}: bad byte-order magic 0x{bom.hex()} at byte offset "
+                                         f"{base + pos + 8}")
+                    head, u32, epb = fm.head, fm.u32, fm.epb
+                    btype, blen = head(buf, pos)
                     interfaces = []
-                blen = u32(r.buf, r.pos + 4)[0]
                 if blen < 12 or blen % 4 or blen > _MAX_RECORD:
-                    raise InputError(f"{path}: bad block length {blen} at byte offset {start + 4}")
-                if not r.need(blen):
-                    raise InputError(f"{path}: truncated block at byte offset {start}: {blen} bytes announced, "
-                                     f"{r.left()} there")
-                b, q = r.buf, r.pos
-                if u32(b, q + blen - 4)[0] != blen:
-                    raise InputError(f"{path}: block at byte offset {start}: trailing length "
-                                     f"{u32(b, q + blen - 4)[0]} differs from {blen}")
-                btype = u32(b, q)[0]
-                data = caplen = origlen = None
-                if btype == 1:  # Interface Description Block
-                    if blen < 20:
-                        raise InputError(f"{path}: interface block at byte offset {start} is too short")
-                    linktype = struct.unpack_from(endian + "H", b, q + 8)[0]
-                    _check_linktype(path, linktype, start + 8)
-                    ticks, offset = 1_000_000, 0
-                    i, stop = q + 16, q + blen - 4
-                    while i + 4 <= stop:
-                        code, olen = struct.unpack_from(endian + "HH", b, i)
-                        if code == 0:
-                            break
-                        if code == 9 and olen >= 1:  # if_tsresol
-                            v = b[i + 4]
-                            ticks = 2 ** (v & 0x7F) if v & 0x80 else 10 ** v
-                        elif code == 14 and olen >= 8:  # if_tsoffset
-                            offset = struct.unpack_from(endian + "q", b, i + 4)[0]
-                        i += 4 + (olen + 3) // 4 * 4
-                    interfaces.append((linktype, ticks, offset))
-                elif btype in (6, 2):  # Enhanced Packet Block, obsolete Packet Block
+                    raise InputError(f"{path}: bad block length {blen} at byte offset {base + pos + 4}")
+                end = pos + blen
+                if end > size:
+                    buf, base, pos = buf[pos:] + read(max(_CHUNK, blen)), base + pos, 0
+                    size, end = len(buf), blen
+                    if end > size:
+                        raise InputError(f"{path}: truncated block at byte offset {base}: {blen} bytes "
+                                         f"announced, {size} there")
+                if u32(buf, end - 4)[0] != blen:
+                    raise InputError(f"{path}: block at byte offset {base + pos}: trailing length "
+                                     f"{u32(buf, end - 4)[0]} differs from {blen}")
+                if btype == 6 or btype == 2:  # Enhanced Packet Block, obsolete Packet Block
                     if blen < 32:
-                        raise InputError(f"{path}: packet block at byte offset {start} is too short")
+                        raise InputError(f"{path}: packet block at byte offset {base + pos} is too short")
                     if btype == 6:
-                        iface, hi, lo, caplen, origlen = struct.unpack_from(endian + "IIIII", b, q + 8)
+                        iface, hi, lo, caplen, origlen = epb(buf, pos + 8)
                     else:
-                        iface, _, hi, lo, caplen, origlen = struct.unpack_from(endian + "HHIIII", b, q + 8)
+                        iface, _, hi, lo, caplen, origlen = fm.pb(buf, pos + 8)
                     if iface >= len(interfaces):
-                        raise InputError(f"{path}: packet block at byte offset {start} names interface {iface}, "
-                                         f"but only {len(interfaces)} are described")
-                    if 28 + caplen > blen - 4:
-                        raise InputError(f"{path}: packet block at byte offset {start}: captured length "
+                        raise InputError(f"{path}: packet block at byte offset {base + pos} names interface "
+                                         f"{iface}, but only {len(interfaces)} are described")
+                    if 32 + caplen > blen:
+                        raise InputError(f"{path}: packet block at byte offset {base + pos}: captured length "
                                          f"{caplen} overruns the block")
-                    linktype, ticks, offset = interfaces[iface]
-                    ts = hi << 32 | lo
-                    last = (ts // ticks + offset, (ts % ticks) * 1_000_000_000 // ticks)
-                    data = q + 28
+                    linktype, ticks, scale, offset = interfaces[iface]
+                    sec, frac = divmod(hi << 32 | lo, ticks)
+                    sec += offset
+                    frac *= scale
+                    data = pos + 28
                 elif btype == 3:  # Simple Packet Block: interface 0, no timestamp
                     if not interfaces:
-                        raise InputError(f"{path}: simple packet block at byte offset {start} before any "
+                        raise InputError(f"{path}: simple packet block at byte offset {base + pos} before any "
                                          "interface block")
-                    origlen = u32(b, q + 8)[0]
+                    origlen = u32(buf, pos + 8)[0]
                     caplen = min(origlen, blen - 16)
                     linktype = interfaces[0][0]
-                    data = q + 12
-                if data is not None:
-                    frame += 1
-                    if t0 is None:
-                        t0 = last
-                    pkt = _segment(b, data, caplen, origlen, linktype, frame,
-                                   (last[0] - t0[0]) + (last[1] - t0[1]) * 1e-9)
-                    if pkt.__class__ is Packet:
-                        tcp += 1
+                    data = pos + 12
+                else:
+                    if btype == 1:  # Interface Description Block
+                        interfaces.append(_interface(path, buf, pos, blen, base, fm))
+                    pos = end
+                    continue
+                frame += 1
+                if sec0 is None:
+                    sec0, frac0 = sec, frac
+                pkt = segment(buf, data, caplen, origlen, linktype, frame, (sec - sec0) + (frac - frac0))
+                pos = end
+                if pkt.__class__ is Packet:
+                    tcp += 1
+                    if pkt.raw_options:
                         nopts += len(pkt.raw_options)
-                    elif pkt == _NOT_TCP:
-                        not_tcp += 1
-                    elif pkt == _FRAGMENT:
-                        frags += 1
-                    else:
-                        bad += 1
-                r.pos += blen
-                if data is not None and pkt.__class__ is Packet:
                     yield pkt
+                elif pkt == _NOT_TCP:
+                    not_tcp += 1
+                elif pkt == _FRAGMENT:
+                    frags += 1
+                else:
+                    bad += 1
         finally:
             stats.frames, stats.tcp, stats.not_tcp, stats.fragments, stats.malformed, stats.mptcp_options = (
                 frame, tcp, not_tcp, frags, bad, nopts)
+
+
+def _interface(path: Path, buf: bytes, pos: int, blen: int, base: int, fm: _NgFormats):
+    """(link type, ticks per second, seconds per tick, offset in seconds) of an Interface Description Block."""
+    if blen < 20:
+        raise InputError(f"{path}: interface block at byte offset {base + pos} is too short")
+    linktype, _, _ = fm.idb(buf, pos + 8)
+    _check_linktype(path, linktype, base + pos + 8)
+    ticks, offset = 1_000_000, 0
+    i, stop = pos + 16, pos + blen - 4
+    while i + 4 <= stop:
+        code, olen = fm.opt(buf, i)
+        if code == 0:
+            break
+        if code == 9 and olen >= 1:  # if_tsresol
+            v = buf[i + 4]
+            ticks = 2 ** (v & 0x7F) if v & 0x80 else 10 ** v
+        elif code == 14 and olen >= 8:  # if_tsoffset
+            offset = fm.i64(buf, i + 4)[0]
+        i += 4 + (olen + 3) // 4 * 4
+    return linktype, ticks, 1 / ticks, offset
 
 
 def iter_pcap(path: str | os.PathLike, stats: PcapStats | None = None) -> Iterator[Packet]:

@@ -284,7 +284,7 @@ class RemoveAddr(MPTCPOption):
     name = "REMOVE_ADDR"
     subtype_id = 4
     fields_desc = [*_header(4, [BitField("reserved", 0, 4)]),
-                   FieldListField("address_ids", [], ByteField("", 0),
+                   FieldListField("address_ids", [], ByteField("", 0), max_count=255,
                                   count_from=lambda p: None if p.length is None else max(0, p.length - 3))]
 
 
