@@ -23,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
@@ -31,6 +32,7 @@ MPTCP_SUBFLOW_ADDRS = 3
 TCP_IS_MPTCP = 43
 SEEDS = {"client": 1, "server": 2}
 FIRST_CHUNK = 1000
+BLOCK = 1 << 20
 
 _INFO_FMT = "=6B2xIIQQQ3BxIQQQQB3xIII"
 _INFO_FIELDS = ("subflows", "add_addr_signal", "add_addr_accepted", "subflows_max", "add_addr_signal_max",
@@ -42,9 +44,25 @@ _SOCKADDR_SIZE = 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def stream(role: str, size: int) -> bytes:
-    """The bytes `role` sends: reproducible by the peer from the role alone."""
-    return random.Random(SEEDS[role]).randbytes(size)
+def stream(role: str, size: int) -> Iterator[bytes]:
+    """The bytes `role` sends, in blocks: reproducible by the peer from the role and size alone,
+    and never held in memory whole (transfers may be larger than a Python int of bits allows)."""
+    rng, left = random.Random(SEEDS[role]), size
+    while left > 0:
+        n = min(BLOCK, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+def digest(role: str, size: int, prefix: int | None = None) -> str:
+    """SHA-256 of the first `prefix` bytes (default: all) of what `role` sends when sending `size`."""
+    h, want = hashlib.sha256(), size if prefix is None else prefix
+    for block in stream(role, size):
+        if want <= 0:
+            break
+        h.update(block[:want])
+        want -= len(block)
+    return h.hexdigest()
 
 
 def mptcp_info(sock: socket.socket) -> dict | None:
@@ -113,8 +131,7 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     peer_role = "server" if role == "client" else "client"
     report: dict = {"role": role, "bytes_to_send": send, "bytes_expected": expect}
     t0 = time.monotonic()
-    out = stream(role, send)
-    sent_hash = hashlib.sha256(out).hexdigest()
+    sent = hashlib.sha256()
     send_error: list[str] = []
 
     def wait_for_subflows() -> None:
@@ -133,11 +150,17 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
             # Holding back (data and DATA_FIN) lets the peer's first data segment go out before
             # anything from this side, e.g. a client's MP_CAPABLE with data (RFC 8684 §3.1).
             time.sleep(send_delay)
-            first = min(send, FIRST_CHUNK) if wait_subflows > 1 else send
-            sock.sendall(out[:first])
+            blocks = stream(role, send)
+            head = next(blocks, b"")
+            first = min(len(head), FIRST_CHUNK) if wait_subflows > 1 else len(head)
+            sent.update(head)
+            sock.sendall(head[:first])
             if wait_subflows > 1:
                 wait_for_subflows()
-            sock.sendall(out[first:])
+            sock.sendall(head[first:])
+            for block in blocks:
+                sent.update(block)
+                sock.sendall(block)
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             send_error.append(str(exc))
@@ -160,10 +183,10 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     report.update({
         "bytes_sent": send if not send_error and not thread.is_alive() else None,
         "send_error": send_error[0] if send_error else None,
-        "sha256_sent": sent_hash,
+        "sha256_sent": sent.hexdigest(),
         "bytes_received": received,
         "sha256_received": h.hexdigest(),
-        "sha256_expected": hashlib.sha256(stream(peer_role, expect)).hexdigest(),
+        "sha256_expected": digest(peer_role, expect),
         "duration_s": round(time.monotonic() - t0, 3),
         "mptcp": is_mptcp(sock),
         "mptcp_info_mid": peak_info,
@@ -182,7 +205,7 @@ def _aborted(sock: socket.socket, report: dict, received: int, sha256_received: 
     be blocked in send: it dies with the process; the kernel has already reset the connection)."""
     info, subflows = mptcp_info(sock), subflow_addrs(sock)
     abort(sock)
-    want = hashlib.sha256(stream(peer_role, expect)[:received]).hexdigest()
+    want = digest(peer_role, expect, prefix=received)
     report.update({"aborted_after": received, "bytes_received": received, "sha256_received": sha256_received,
                    "sha256_expected": want, "duration_s": round(time.monotonic() - t0, 3),
                    "mptcp_info": info, "subflows": subflows,
