@@ -157,8 +157,10 @@ def check_equivalence(path: Path, scapy_decoded: list) -> str:
 def tshark_fields() -> list[str]:
     from conformance.observe.oracles import tshark_fields as every_mptcp_field
 
-    # The MPTCP option fields the oracle reads (tshark's derived token/IDSN/count need analysis).
-    return [f for f in every_mptcp_field() if f.startswith("tcp.options.mptcp.")]
+    # The MPTCP option fields the oracle reads (tshark's derived token/IDSN/count need analysis);
+    # the subtype first: options are counted from that column.
+    subtype = "tcp.options.mptcp.subtype"
+    return [subtype, *(f for f in every_mptcp_field() if f.startswith("tcp.options.mptcp.") and f != subtype)]
 
 
 def run_tshark(path: Path, lean: bool) -> tuple[int, int, float]:
