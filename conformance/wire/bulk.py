@@ -543,7 +543,7 @@ def _open_header(path: Path) -> tuple[str, bytes]:
     return "pcap", head
 
 
-def _pcap_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
+def _pcap_packets(path: Path) -> Iterator[Packet | int]:
     with open(path, "rb") as f:
         head = f.read(24)
         endian, unit = _PCAP_MAGIC[int.from_bytes(head[:4], "little")]
@@ -551,49 +551,35 @@ def _pcap_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
         rec = struct.Struct(endian + "IIII").unpack_from
         read, segment = f.read, _segment
         buf, pos, size, base = b"", 0, 0, 24  # buf holds the file from byte offset base on
-        frame = tcp = not_tcp = frags = bad = nopts = 0
+        frame = 0
         sec0 = frac0 = None
-        try:
-            while True:
-                if pos + 16 > size:
-                    buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
-                    size = len(buf)
-                    if size < 16:
-                        if size:
-                            raise InputError(f"{path}: truncated record header at byte offset {base} "
-                                             f"({size} of 16 bytes)")
-                        break
-                sec, frac, caplen, origlen = rec(buf, pos)
-                end = pos + 16 + caplen
+        while True:
+            if pos + 16 > size:
+                buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
+                size = len(buf)
+                if size < 16:
+                    if size:
+                        raise InputError(f"{path}: truncated record header at byte offset {base} "
+                                         f"({size} of 16 bytes)")
+                    break
+            sec, frac, caplen, origlen = rec(buf, pos)
+            end = pos + 16 + caplen
+            if end > size:
+                if caplen > _MAX_RECORD:
+                    raise InputError(f"{path}: record at byte offset {base + pos} claims {caplen} bytes: "
+                                     "not a sane capture")
+                buf, base, pos = buf[pos:] + read(max(_CHUNK, 16 + caplen)), base + pos, 0
+                size, end = len(buf), 16 + caplen
                 if end > size:
-                    if caplen > _MAX_RECORD:
-                        raise InputError(f"{path}: record at byte offset {base + pos} claims {caplen} bytes: "
-                                         "not a sane capture")
-                    buf, base, pos = buf[pos:] + read(max(_CHUNK, 16 + caplen)), base + pos, 0
-                    size, end = len(buf), 16 + caplen
-                    if end > size:
-                        raise InputError(f"{path}: truncated record at byte offset {base}: {caplen} bytes "
-                                         f"of packet data announced, {size - 16} there")
-                frame += 1
-                if sec0 is None:
-                    sec0, frac0 = sec, frac
-                pkt = segment(buf, pos + 16, caplen, origlen, linktype, frame,
-                              (sec - sec0) + (frac - frac0) * unit)
-                pos = end
-                if pkt.__class__ is Packet:
-                    tcp += 1
-                    if pkt.raw_options:
-                        nopts += len(pkt.raw_options)
-                    yield pkt
-                elif pkt == _NOT_TCP:
-                    not_tcp += 1
-                elif pkt == _FRAGMENT:
-                    frags += 1
-                else:
-                    bad += 1
-        finally:
-            stats.frames, stats.tcp, stats.not_tcp, stats.fragments, stats.malformed, stats.mptcp_options = (
-                frame, tcp, not_tcp, frags, bad, nopts)
+                    raise InputError(f"{path}: truncated record at byte offset {base}: {caplen} bytes "
+                                     f"of packet data announced, {size - 16} there")
+            frame += 1
+            if sec0 is None:
+                sec0, frac0 = sec, frac
+            pkt = segment(buf, pos + 16, caplen, origlen, linktype, frame,
+                          (sec - sec0) + (frac - frac0) * unit)
+            pos = end
+            yield pkt
 
 
 class _NgFormats:
@@ -613,101 +599,87 @@ class _NgFormats:
 _NG = {"<": _NgFormats("<"), ">": _NgFormats(">")}
 
 
-def _pcapng_packets(path: Path, stats: PcapStats) -> Iterator[Packet]:
+def _pcapng_packets(path: Path) -> Iterator[Packet | int]:
     with open(path, "rb") as f:
         read, segment = f.read, _segment
         buf, pos, size, base = b"", 0, 0, 0  # buf holds the file from byte offset base on
         fm = _NG["<"]
         head, u32, epb = fm.head, fm.u32, fm.epb
         interfaces: list[tuple[int, int, float, int]] = []  # (linktype, ticks/s, 1/ticks, offset s)
-        frame = tcp = not_tcp = frags = bad = nopts = 0
+        frame = 0
         sec0, frac0 = None, 0.0  # the first packet's time: whole seconds, fraction
         sec, frac = 0, 0.0  # the last timestamped packet's (a Simple Packet Block has none)
-        try:
-            while True:
-                if pos + 12 > size:
-                    buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
-                    size = len(buf)
-                    if size < 12:
-                        if size:
-                            raise InputError(f"{path}: truncated block header at byte offset {base} "
-                                             f"({size} of 12 bytes)")
-                        break
+        while True:
+            if pos + 12 > size:
+                buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
+                size = len(buf)
+                if size < 12:
+                    if size:
+                        raise InputError(f"{path}: truncated block header at byte offset {base} "
+                                         f"({size} of 12 bytes)")
+                    break
+            btype, blen = head(buf, pos)
+            if btype == _PCAPNG_SHB:  # a new section, perhaps in the other byte order
+                bom = buf[pos + 8:pos + 12]
+                if bom == b"\x4d\x3c\x2b\x1a":
+                    fm = _NG["<"]
+                elif bom == b"\x1a\x2b\x3c\x4d":
+                    fm = _NG[">"]
+                else:
+                    raise InputError(f"{path}: bad byte-order magic 0x{bom.hex()} at byte offset "
+                                     f"{base + pos + 8}")
+                head, u32, epb = fm.head, fm.u32, fm.epb
                 btype, blen = head(buf, pos)
-                if btype == _PCAPNG_SHB:  # a new section, perhaps in the other byte order
-                    bom = buf[pos + 8:pos + 12]
-                    if bom == b"\x4d\x3c\x2b\x1a":
-                        fm = _NG["<"]
-                    elif bom == b"\x1a\x2b\x3c\x4d":
-                        fm = _NG[">"]
-                    else:
-                        raise InputError(f"{path}: bad byte-order magic 0x{bom.hex()} at byte offset "
-                                         f"{base + pos + 8}")
-                    head, u32, epb = fm.head, fm.u32, fm.epb
-                    btype, blen = head(buf, pos)
-                    interfaces = []
-                if blen < 12 or blen % 4 or blen > _MAX_RECORD:
-                    raise InputError(f"{path}: bad block length {blen} at byte offset {base + pos + 4}")
-                end = pos + blen
+                interfaces = []
+            if blen < 12 or blen % 4 or blen > _MAX_RECORD:
+                raise InputError(f"{path}: bad block length {blen} at byte offset {base + pos + 4}")
+            end = pos + blen
+            if end > size:
+                buf, base, pos = buf[pos:] + read(max(_CHUNK, blen)), base + pos, 0
+                size, end = len(buf), blen
                 if end > size:
-                    buf, base, pos = buf[pos:] + read(max(_CHUNK, blen)), base + pos, 0
-                    size, end = len(buf), blen
-                    if end > size:
-                        raise InputError(f"{path}: truncated block at byte offset {base}: {blen} bytes "
-                                         f"announced, {size} there")
-                if u32(buf, end - 4)[0] != blen:
-                    raise InputError(f"{path}: block at byte offset {base + pos}: trailing length "
-                                     f"{u32(buf, end - 4)[0]} differs from {blen}")
-                if btype == 6 or btype == 2:  # Enhanced Packet Block, obsolete Packet Block
-                    if blen < 32:
-                        raise InputError(f"{path}: packet block at byte offset {base + pos} is too short")
-                    if btype == 6:
-                        iface, hi, lo, caplen, origlen = epb(buf, pos + 8)
-                    else:
-                        iface, _, hi, lo, caplen, origlen = fm.pb(buf, pos + 8)
-                    if iface >= len(interfaces):
-                        raise InputError(f"{path}: packet block at byte offset {base + pos} names interface "
-                                         f"{iface}, but only {len(interfaces)} are described")
-                    if 32 + caplen > blen:
-                        raise InputError(f"{path}: packet block at byte offset {base + pos}: captured length "
-                                         f"{caplen} overruns the block")
-                    linktype, ticks, scale, offset = interfaces[iface]
-                    sec, frac = divmod(hi << 32 | lo, ticks)
-                    sec += offset
-                    frac *= scale
-                    data = pos + 28
-                elif btype == 3:  # Simple Packet Block: interface 0, no timestamp
-                    if not interfaces:
-                        raise InputError(f"{path}: simple packet block at byte offset {base + pos} before any "
-                                         "interface block")
-                    origlen = u32(buf, pos + 8)[0]
-                    caplen = min(origlen, blen - 16)
-                    linktype = interfaces[0][0]
-                    data = pos + 12
+                    raise InputError(f"{path}: truncated block at byte offset {base}: {blen} bytes "
+                                     f"announced, {size} there")
+            if u32(buf, end - 4)[0] != blen:
+                raise InputError(f"{path}: block at byte offset {base + pos}: trailing length "
+                                 f"{u32(buf, end - 4)[0]} differs from {blen}")
+            if btype == 6 or btype == 2:  # Enhanced Packet Block, obsolete Packet Block
+                if blen < 32:
+                    raise InputError(f"{path}: packet block at byte offset {base + pos} is too short")
+                if btype == 6:
+                    iface, hi, lo, caplen, origlen = epb(buf, pos + 8)
                 else:
-                    if btype == 1:  # Interface Description Block
-                        interfaces.append(_interface(path, buf, pos, blen, base, fm))
-                    pos = end
-                    continue
-                frame += 1
-                if sec0 is None:
-                    sec0, frac0 = sec, frac
-                pkt = segment(buf, data, caplen, origlen, linktype, frame, (sec - sec0) + (frac - frac0))
+                    iface, _, hi, lo, caplen, origlen = fm.pb(buf, pos + 8)
+                if iface >= len(interfaces):
+                    raise InputError(f"{path}: packet block at byte offset {base + pos} names interface "
+                                     f"{iface}, but only {len(interfaces)} are described")
+                if 32 + caplen > blen:
+                    raise InputError(f"{path}: packet block at byte offset {base + pos}: captured length "
+                                     f"{caplen} overruns the block")
+                linktype, ticks, scale, offset = interfaces[iface]
+                sec, frac = divmod(hi << 32 | lo, ticks)
+                sec += offset
+                frac *= scale
+                data = pos + 28
+            elif btype == 3:  # Simple Packet Block: interface 0, no timestamp
+                if not interfaces:
+                    raise InputError(f"{path}: simple packet block at byte offset {base + pos} before any "
+                                     "interface block")
+                origlen = u32(buf, pos + 8)[0]
+                caplen = min(origlen, blen - 16)
+                linktype = interfaces[0][0]
+                data = pos + 12
+            else:
+                if btype == 1:  # Interface Description Block
+                    interfaces.append(_interface(path, buf, pos, blen, base, fm))
                 pos = end
-                if pkt.__class__ is Packet:
-                    tcp += 1
-                    if pkt.raw_options:
-                        nopts += len(pkt.raw_options)
-                    yield pkt
-                elif pkt == _NOT_TCP:
-                    not_tcp += 1
-                elif pkt == _FRAGMENT:
-                    frags += 1
-                else:
-                    bad += 1
-        finally:
-            stats.frames, stats.tcp, stats.not_tcp, stats.fragments, stats.malformed, stats.mptcp_options = (
-                frame, tcp, not_tcp, frags, bad, nopts)
+                continue
+            frame += 1
+            if sec0 is None:
+                sec0, frac0 = sec, frac
+            pkt = segment(buf, data, caplen, origlen, linktype, frame, (sec - sec0) + (frac - frac0))
+            pos = end
+            yield pkt
 
 
 def _interface(path: Path, buf: bytes, pos: int, blen: int, base: int, fm: _NgFormats):
@@ -742,7 +714,30 @@ def iter_pcap(path: str | os.PathLike, stats: PcapStats | None = None) -> Iterat
     kind, _ = _open_header(path)
     stats = stats if stats is not None else PcapStats()
     stats.format = kind
-    return _pcap_packets(path, stats) if kind == "pcap" else _pcapng_packets(path, stats)
+    return _tally(_pcap_packets(path) if kind == "pcap" else _pcapng_packets(path), stats)
+
+
+def _tally(results: Iterator[Packet | int], stats: PcapStats) -> Iterator[Packet]:
+    """Count what the reader found in every frame (into `stats`, also when it stops on bad input)
+    and pass the TCP segments on."""
+    frames = tcp = not_tcp = frags = bad = nopts = 0
+    try:
+        for pkt in results:
+            frames += 1
+            if pkt.__class__ is Packet:
+                tcp += 1
+                if pkt.raw_options:
+                    nopts += len(pkt.raw_options)
+                yield pkt
+            elif pkt == _NOT_TCP:
+                not_tcp += 1
+            elif pkt == _FRAGMENT:
+                frags += 1
+            else:
+                bad += 1
+    finally:
+        stats.frames, stats.tcp, stats.not_tcp, stats.fragments, stats.malformed, stats.mptcp_options = (
+            frames, tcp, not_tcp, frags, bad, nopts)
 
 
 def pcap_stats(path: str | os.PathLike) -> PcapStats:
