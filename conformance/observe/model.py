@@ -13,7 +13,7 @@ SYN names (§3.2) and its HMACs are checked against the keys of that connection.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,10 +106,17 @@ class Connection:
         return None if not known else any(f & 0x80 for f in known)
 
 
-class ModelBuilder:
-    """Feed segments (capture by capture); read `connections` at the end."""
+# Called for every MPTCP option of every segment the model reads (once per segment, from its
+# vantage): (connection or None for an unmatched join, subflow, where, packet, option class, fields).
+OptionObserver = Callable[["Connection | None", Subflow, Where, Packet, str, dict], None]
 
-    def __init__(self) -> None:
+
+class ModelBuilder:
+    """Feed segments (capture by capture); read `connections` at the end. Observers see every
+    option as it streams past (the passive rules use this: nothing is kept per packet)."""
+
+    def __init__(self, observers: Iterable[OptionObserver] = ()) -> None:
+        self.observers = list(observers)
         self.connections: list[Connection] = []
         self._subflows: dict[frozenset, tuple[Connection | None, Subflow, str]] = {}
         self._by_token: dict[int, tuple[Connection, int]] = {}
@@ -166,6 +173,8 @@ class ModelBuilder:
         if p.flags & FIN:
             sub.fin[side] = True
         for name, f in p.options:
+            for observe in self.observers:
+                observe(conn, sub, where, p, name, f)
             if conn is None:
                 continue
             if name == "MPCapable" and sub.initial:
@@ -271,9 +280,9 @@ class ModelBuilder:
         conn.events.append(event)
 
 
-def build(pcaps: Iterable[Path | str]) -> list[Connection]:
+def build(pcaps: Iterable[Path | str], observers: Iterable[OptionObserver] = ()) -> list[Connection]:
     """The MPTCP (and fallen-back) connections in these captures of one topology, in SYN order."""
-    builder = ModelBuilder()
+    builder = ModelBuilder(observers)
     for pcap in pcaps:
         for p in iter_pcap(pcap):
             builder.feed(str(pcap), p)
