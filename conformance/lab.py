@@ -21,6 +21,7 @@ from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
 from conformance.net.topo import MptcpTopo
 from conformance.observe.oracles import TOKEN, compare, tshark_frames
+from conformance.observe.rules import NOT_EXERCISED, PASS, check
 from conformance.observe.segments import Segment, decode
 from conformance.proc import Background, run
 from conformance.verdict import Expect
@@ -79,6 +80,7 @@ class Lab:
         self._ports = iter(range(5201, 6000))
         self.transfers: list[TransferRun] = []
         self.expect = Expect()
+        self.passive_ids: set[str] = set()  # requirements the passive rules judged in this lab
         # Which implementation plays each role (the report's matrix axis); only the local kernel yet.
         self.implementations = {"client": "linux", "server": "linux"}
 
@@ -160,9 +162,24 @@ class Lab:
             reports[role] = json.loads(path.read_text())
         result = TransferRun(folder, reports["client"], reports["server"], counters,
                              {p.intf: p.path for p in cap.pcaps}, port)
-        self._cross_check(result, {i for n, i in self.topo.interfaces() if n in (client, server)})
+        endpoint_intfs = {i for n, i in self.topo.interfaces() if n in (client, server)}
+        self._cross_check(result, endpoint_intfs)
+        self._passive(result, endpoint_intfs)
         self.transfers.append(result)
         return result
+
+    def _passive(self, run: TransferRun, endpoint_intfs: set[str]) -> None:
+        """The passive rules on every capture of the transfer: a rule that fails fails the case,
+        whatever the case was about; every judged requirement goes into the results."""
+        # Endpoint captures first: each subflow is read from the first capture that shows its SYN.
+        order = sorted(run.pcaps, key=lambda i: (i not in endpoint_intfs, i))
+        _, judgments = check([run.pcaps[i] for i in order])
+        for j in judgments:
+            if j.outcome == NOT_EXERCISED:
+                continue
+            self.passive_ids.add(j.rid)
+            self.expect.that(j.outcome == PASS, f"passive: {j.sentence}", expected="what RFC 8684 requires",
+                             seen=", ".join(str(w) for w in j.where[:3]) or "-", rid=j.rid)
 
     def _cross_check(self, run: TransferRun, intfs: set[str]) -> None:
         """Our codec against tshark on the endpoints' captures: a disagreement fails the case as an

@@ -163,10 +163,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     ids = [rid for m in item.iter_markers("rfc8684") for rid in m.args]
     if ids:  # a conformance case: carry what the report needs (xdist ships these to the controller)
-        report.user_properties.append(("requirements", ids))
+        the_lab = getattr(item, "funcargs", {}).get("lab")
+        # The case's own requirements, then those the passive rules judged on its captures.
+        passive = sorted(the_lab.passive_ids - set(ids)) if the_lab is not None else []
+        report.user_properties.append(("requirements", ids + passive))
         doc = (getattr(getattr(item, "obj", None), "__doc__", None) or "").strip().splitlines()
         report.user_properties.append(("description", doc[0] if doc else ""))
-        the_lab = getattr(item, "funcargs", {}).get("lab")
         if call.when == "call" and the_lab is not None:
             report.user_properties.append(("evidence", the_lab.expect.evidence()))
             report.user_properties.append(("checks", [
