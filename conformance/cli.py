@@ -1,4 +1,7 @@
-"""The `mptcp-conformance` command: doctor, run, report."""
+"""The `mptcp-conformance` command: doctor, run, check-pcap, report.
+
+Exit codes: 0 all judged requirements hold, 1 a required (MUST-class) one failed, 2 environment or
+input error (one line naming the input and the place)."""
 
 from __future__ import annotations
 
@@ -52,6 +55,52 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_FAIL if results.counts()["fail"] or results.counts()["error"] else EXIT_OK
 
 
+def _check_pcap(args: argparse.Namespace) -> int:
+    import json
+
+    from conformance.errors import InputError
+    from conformance.observe.rules import FAIL, check
+    from conformance.requirements import load_catalogue
+
+    catalogue = load_catalogue()
+    only = set(args.only.split(",")) if args.only else None
+    if only:
+        unknown = sorted(only - set(catalogue.by_id))
+        if unknown:
+            print(f"mptcp-conformance check-pcap: --only: unknown requirement ID(s) {', '.join(unknown)}",
+                  file=sys.stderr)
+            return EXIT_ENV
+    try:
+        conns, judgments = check(args.pcap)
+    except InputError as exc:
+        print(f"mptcp-conformance check-pcap: {exc}", file=sys.stderr)
+        return EXIT_ENV
+    if only:
+        judgments = [j for j in judgments if j.rid in only]
+    failed = [j for j in judgments if j.outcome == FAIL]
+    required_failed = [j for j in failed if catalogue[j.rid].required or args.strict]
+    if args.json:
+        print(json.dumps({
+            "captures": [str(p) for p in args.pcap],
+            "connections": [{"syn": str(c.syn), "version": c.version, "fallback": c.fallback,
+                             "checksum": c.checksum, "subflows": len(c.subflows),
+                             "tokens": [f"{t:08x}" if t is not None else None for t in (c.token(0), c.token(1))]}
+                            for c in conns],
+            "judgments": [{"requirement": j.rid, "level": catalogue[j.rid].level, "outcome": j.outcome,
+                           "connection": j.connection, "sentence": j.sentence,
+                           "frames": [str(w) for w in j.where]} for j in judgments],
+        }, indent=2))
+    else:
+        for i, c in enumerate(conns):
+            state = f"fallback: {c.fallback}" if c.fallback else f"MPTCP v{c.version}"
+            print(f"connection {i}: {c.syn}, {state}, {len(c.subflows)} subflow(s)")
+            for j in judgments:
+                if j.connection == i:
+                    print(f"  {catalogue[j.rid].level:<9} {j}")
+        print(f"{len(conns)} connection(s), {len(judgments)} judgment(s), {len(failed)} failed")
+    return EXIT_FAIL if required_failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(prog="mptcp-conformance", description="RFC 8684 (MPTCP) conformance suite")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -63,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--family", action="append", choices=("ipv4", "ipv6", "dual"))
     run.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
     run.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers (pytest-xdist)")
+    chk = sub.add_parser("check-pcap",
+                         help="rebuild the MPTCP connections of captures and judge the passive rules")
+    chk.add_argument("pcap", nargs="+", help="pcap or pcapng files of one network (several links are merged)")
+    chk.add_argument("--json", action="store_true", help="machine-readable output")
+    chk.add_argument("--only", metavar="IDS", help="comma-separated requirement IDs to report")
+    chk.add_argument("--strict", action="store_true", help="a failed SHOULD fails the exit code too")
     rep = sub.add_parser("report", help="render report.md and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
@@ -76,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return doctor.main(["--json"] if args.json else [])
         if args.command == "run":
             return _run(args, extra)
+        if args.command == "check-pcap":
+            return _check_pcap(args)
         return _report(args)
     finally:
         from conformance.net.names import release_run

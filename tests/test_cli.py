@@ -55,3 +55,37 @@ def test_report_on_bad_results_is_one_error_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and str(src) in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def _capture(tmp_path, defect: bool):
+    from scapy.utils import wrpcap
+    from test_observe_model import connection
+    from test_observe_rules import DEFECTS
+
+    path = tmp_path / ("bad.pcap" if defect else "good.pcap")
+    wrpcap(str(path), DEFECTS["R3.1-15"]() if defect else connection())
+    return path
+
+
+def test_check_pcap_passes_a_correct_connection(tmp_path, capsys):
+    assert main(["check-pcap", str(_capture(tmp_path, False))]) == 0
+    out = capsys.readouterr().out
+    assert "connection 0" in out and "0 failed" in out
+
+
+def test_check_pcap_fails_on_a_must_violation_with_the_frame(tmp_path, capsys):
+    assert main(["check-pcap", "--json", str(_capture(tmp_path, True))]) == 1
+    data = json.loads(capsys.readouterr().out)
+    failed = [j for j in data["judgments"] if j["outcome"] == "fail"]
+    assert failed and failed[0]["requirement"] == "R3.1-15" and failed[0]["frames"][0].endswith("frame 1")
+
+
+def test_check_pcap_only_and_bad_input(tmp_path, capsys):
+    bad = _capture(tmp_path, True)
+    assert main(["check-pcap", "--only", "R3.1-18", str(bad)]) == 0  # R3.1-15 filtered out
+    assert main(["check-pcap", "--only", "R9-99", str(bad)]) == 2
+    junk = tmp_path / "junk.pcap"
+    junk.write_bytes(b"\x00" * 30)
+    assert main(["check-pcap", str(junk)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("junk.pcap" in line and "byte offset" in line for line in err)
