@@ -84,7 +84,11 @@ class Connection:
     flags: list[int | None] = field(default_factory=lambda: [None, None, None])  # SYN, SYN/ACK, ACK
     subflows: list[Subflow] = field(default_factory=list)
     events: list[AddressEvent] = field(default_factory=list)
-    fastclose: list[Where] = field(default_factory=list)
+    fastclose: list[tuple[Where, int, int]] = field(default_factory=list)  # where, sender side, key it carries
+    # The lowest 64-bit DSN each side mapped (with where), and the length of the data its
+    # MP_CAPABLE carried (mapped implicitly at IDSN+1), if it sent data that way.
+    lowest_dsn: list[tuple[Where, int] | None] = field(default_factory=lambda: [None, None])
+    mpc_data: list[int | None] = field(default_factory=lambda: [None, None])
     mp_fail: list[Where] = field(default_factory=list)
     infinite_mapping: list[Where] = field(default_factory=list)
     data_fin: list[Where | None] = field(default_factory=lambda: [None, None])
@@ -193,7 +197,7 @@ class ModelBuilder:
             elif name == "MPPrio":
                 conn.events.append(AddressEvent(where, self._conn_side(sub, side) == 0, "MP_PRIO"))
             elif name == "MPFastclose":
-                conn.fastclose.append(where)
+                conn.fastclose.append((where, self._conn_side(sub, side), f["receiver_key"]))
             elif name == "MPFail":
                 conn.mp_fail.append(where)
             elif name == "MPTCPRst":
@@ -210,6 +214,8 @@ class ModelBuilder:
                 conn.keys[1] = f["sender_key"]
                 self._by_token[crypto.token(f["sender_key"])] = (conn, 1)
         elif side == 0 and f.get("receiver_key") is not None:
+            if f.get("data_level_length") and conn.mpc_data[0] is None:
+                conn.mpc_data[0] = f["data_level_length"]
             if sub.ack is None:
                 sub.ack = where
                 conn.flags[2] = f["flags"]
@@ -249,6 +255,9 @@ class ModelBuilder:
         conn_side = self._conn_side(sub, side)
         if flags & 0x04:
             sub.mappings[side] += 1
+            low = conn.lowest_dsn[conn_side]
+            if flags & 0x08 and f.get("data_level_length") and (low is None or f["dsn"] < low[1]):
+                conn.lowest_dsn[conn_side] = (where, f["dsn"])
             if f.get("data_level_length") == 0:
                 conn.infinite_mapping.append(where)
         if flags & 0x10 and conn.data_fin[conn_side] is None:

@@ -26,39 +26,44 @@ class OptionRule:
     rid: str
     option: str  # our class name (MPCapable, DSS, ...)
     wants: str  # what the requirement wants, as a sentence fragment
-    holds: Callable[[dict, Packet], bool]
-    applies: Callable[[dict, Packet], bool] = lambda f, p: True
+    holds: Callable[[dict, Packet, Connection], bool]
+    applies: Callable[[dict, Packet, Connection], bool] = lambda f, p, c: True
 
 
 def _is_syn(p: Packet) -> bool:
     return p.flags & (SYN | ACK) == SYN
 
 
-def _v1(f: dict, p: Packet) -> bool:
+def _v1(f: dict, p: Packet, c: Connection) -> bool:
     return f.get("version") == 1
 
 
 OPTION_RULES: tuple[OptionRule, ...] = (
     OptionRule("R3.1-01", "MPCapable", "the SYN's MP_CAPABLE offers version 1, the highest this suite knows",
-               lambda f, p: f["version"] == 1, lambda f, p: _is_syn(p)),
+               lambda f, p, c: f["version"] == 1, lambda f, p, c: _is_syn(p)),
     OptionRule("R3.1-15", "MPCapable", "MP_CAPABLE flag B (extensibility) is 0",
-               lambda f, p: not f["flags"] & 0x40, _v1),
+               lambda f, p, c: not f["flags"] & 0x40, _v1),
     OptionRule("R3.1-18", "MPCapable", "MP_CAPABLE crypto flags are H=1 and D..G=0",
-               lambda f, p: f["flags"] & 0x1F == 0x01, _v1),
+               lambda f, p, c: f["flags"] & 0x1F == 0x01, _v1),
     OptionRule("R3.1-19", "MPCapable", "MP_CAPABLE selects at least one crypto algorithm (a flag of D..H)",
-               lambda f, p: bool(f["flags"] & 0x1F)),
+               lambda f, p, c: bool(f["flags"] & 0x1F)),
     OptionRule("R3.2-02", "MPJoinSyn", "the reserved bits of MP_JOIN on a SYN are 0",
-               lambda f, p: f["reserved"] == 0),
+               lambda f, p, c: f["reserved"] == 0),
     OptionRule("R3.2-02", "MPJoinSynAck", "the reserved bits of MP_JOIN on a SYN/ACK are 0",
-               lambda f, p: f["reserved"] == 0),
+               lambda f, p, c: f["reserved"] == 0),
     OptionRule("R3.2-06", "MPJoinAck", "the reserved bits of MP_JOIN on the third ACK are 0",
-               lambda f, p: f["reserved"] == 0),
-    OptionRule("R3.3-01", "DSS", "the reserved bits of DSS are 0", lambda f, p: f["reserved"] == 0),
+               lambda f, p, c: f["reserved"] == 0),
+    OptionRule("R3.3-01", "DSS", "the reserved bits of DSS are 0", lambda f, p, c: f["reserved"] == 0),
     OptionRule("R3.3.3-01", "DSS", "a DATA_FIN without payload maps SSN 0 with data-level length 1",
-               lambda f, p: f.get("ssn") == 0 and f.get("data_level_length") == 1,
-               lambda f, p: bool(f["flags"] & 0x14 == 0x14) and p.payload_len == 0),
+               lambda f, p, c: f.get("ssn") == 0 and f.get("data_level_length") == 1,
+               lambda f, p, c: bool(f["flags"] & 0x14 == 0x14) and p.payload_len == 0),
     OptionRule("R3.4.1-10", "AddAddr", "the unassigned ADD_ADDR flag bits are 0",
-               lambda f, p: f["reserved"] == 0),
+               lambda f, p, c: f["reserved"] == 0),
+    OptionRule("R3.6-07", "MPTCPRst", "the undefined MP_TCPRST flag bits U, V, W are 0",
+               lambda f, p, c: not f["flags"] & 0x0E),
+    OptionRule("RC.1.1-L01", "DSS", "a DSS mapping carries a checksum exactly when the handshake negotiated one",
+               lambda f, p, c: (f.get("checksum") is not None) == bool(c.checksum),
+               lambda f, p, c: bool(f["flags"] & 0x04) and c.checksum is not None),
 )
 
 
@@ -97,10 +102,10 @@ class OptionRuleObserver:
         if conn is None:
             return
         for rule in self.by_option.get(name, ()):
-            if not rule.applies(f, p):
+            if not rule.applies(f, p, conn):
                 continue
             t = self.tallies.setdefault((id(conn), rule), _Tally())
-            if rule.holds(f, p):
+            if rule.holds(f, p, conn):
                 t.passed += 1
                 t.first_pass = t.first_pass or where
             else:
@@ -173,7 +178,62 @@ def _add_addr(conn: Connection) -> Iterable[Judgment]:
                            "the peer", [e.where])
 
 
-CONNECTION_RULES: tuple[Callable[[Connection], Iterable[Judgment]], ...] = (_third_ack, _join_hmacs, _add_addr)
+def _idsn(conn: Connection) -> Iterable[Judgment]:
+    """The data of each side starts at IDSN+1 (§3.1, §3.3.1): its lowest mapped DSN is IDSN+1, or
+    just after the data its MP_CAPABLE carried (mapped there implicitly)."""
+    for side, who in ((0, "initiator"), (1, "listener")):
+        low, idsn = conn.lowest_dsn[side], conn.idsn(side)
+        if low is None or idsn is None:
+            continue
+        where, dsn = low
+        start = (idsn + 1) % 2**64
+        allowed = {start} | ({(start + conn.mpc_data[side]) % 2**64} if conn.mpc_data[side] else set())
+        after_mpc = f" (or {max(allowed):#x}, after its MP_CAPABLE's data)" if len(allowed) > 1 else ""
+        yield Judgment("R3.1-34", PASS if dsn in allowed else FAIL,
+                       f"the {who}'s lowest mapped DSN is {dsn:#x}; IDSN+1 from the low 64 bits of SHA-256 of "
+                       f"its key is {start:#x}{after_mpc}", [where])
+
+
+def _join_ports(conn: Connection) -> Iterable[Judgment]:
+    first = conn.subflows[0].tuple4
+    announced = {(e.address, e.port) for e in conn.events if e.kind == "ADD_ADDR" and e.port}
+    for sub in conn.subflows[1:]:
+        if (sub.tuple4[2], sub.tuple4[3]) in announced:
+            continue  # joined to a port an ADD_ADDR announced: that is where it should go
+        to_listener = sub.responder_side == 1
+        want = first[3] if to_listener else first[1]
+        yield Judgment("R3.9.1-02", PASS if sub.tuple4[3] == want else FAIL,
+                       f"the join SYN goes to port {sub.tuple4[3]}; the first subflow's port on that host is "
+                       f"{want}", [sub.syn])
+
+
+def _address_ids(conn: Connection) -> Iterable[Judgment]:
+    for side in (0, 1):
+        pairs = {(sub.address_ids[0], sub.tuple4[0]) for sub in conn.subflows[1:]
+                 if (1 - sub.responder_side) == side and sub.address_ids[0] is not None}
+        if not pairs:
+            continue
+        ids = {i for i, _ in pairs}
+        addrs = {a for _, a in pairs}
+        ok = len(ids) == len(pairs) == len(addrs)
+        where = [s.syn for s in conn.subflows[1:] if (1 - s.responder_side) == side]
+        yield Judgment("R3.2-L01", PASS if ok else FAIL,
+                       "MP_JOIN address IDs map one to one onto source addresses: "
+                       + ", ".join(f"id {i} = {a}" for i, a in sorted(pairs, key=str)), where)
+
+
+def _fastclose_key(conn: Connection) -> Iterable[Judgment]:
+    for where, sender, key in conn.fastclose:
+        peer = conn.keys[1 - sender]
+        if peer is None:
+            continue
+        yield Judgment("R3.5-L04", PASS if key == peer else FAIL,
+                       f"MP_FASTCLOSE carries key {key:#x}; the peer's key from the handshake is {peer:#x}",
+                       [where])
+
+
+CONNECTION_RULES: tuple[Callable[[Connection], Iterable[Judgment]], ...] = (
+    _third_ack, _join_hmacs, _add_addr, _idsn, _join_ports, _address_ids, _fastclose_key)
 
 
 def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]]:
@@ -195,4 +255,5 @@ def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]
 
 def rule_ids() -> set[str]:
     """Every requirement ID some passive rule judges."""
-    return {r.rid for r in OPTION_RULES} | {"R3.1-11", "R3.2-03", "R3.4.1-L01", "R3.4.1-L02"}
+    return {r.rid for r in OPTION_RULES} | {"R3.1-11", "R3.2-03", "R3.4.1-L01", "R3.4.1-L02", "R3.1-34",
+                                            "R3.9.1-02", "R3.2-L01", "R3.5-L04"}
