@@ -17,6 +17,7 @@ from conformance.wire import (
     MPJoinSyn,
     MPJoinSynAck,
     MPTCPRst,
+    RemoveAddr,
     crypto,
 )
 
@@ -33,9 +34,12 @@ def _outcomes(judgments, rid):
 
 
 def full_connection() -> list:
-    """connection() closed the way every remaining rule looks at: a stand-alone DATA_FIN, an
-    MP_FASTCLOSE with the peer's key, and a RST with MP_TCPRST."""
-    return [*connection(),
+    """connection() with what the remaining rules look at: the ADD_ADDR sent again (same
+    address), then withdrawn and its ID rebound; a stand-alone DATA_FIN, an MP_FASTCLOSE with the
+    peer's key, and a RST with MP_TCPRST."""
+    pkts = connection()
+    return [*pkts, pkts[6], _seg(S, C1, 80, 40000, "A", [RemoveAddr(address_ids=[5])]),
+            _add_addr(5, "198.19.8.8"),
             _seg(C1, S, 40000, 80, "A", [DSS(flags="AaMmF", data_ack=1, dsn=crypto.idsn(KEY_C) + 6, ssn=0,
                                              data_level_length=1, checksum=0)]),
             _seg(C1, S, 40000, 80, "A", [MPFastclose(receiver_key=KEY_S)]),
@@ -52,6 +56,13 @@ def test_rule_ids_are_catalogued_wire_passive_requirements():
     cat = load_catalogue()
     for rid in rule_ids():
         assert rid in cat, rid
+
+
+def _add_addr(address_id: int, address: str):
+    import ipaddress
+
+    mac = crypto.add_addr_hmac(KEY_S, KEY_C, address_id, ipaddress.ip_address(address).packed, None)
+    return _seg(S, C1, 80, 40000, "A", [AddAddr(address_id=address_id, address=address, truncated_hmac=mac)])
 
 
 def _ports(pkt, port):
@@ -98,6 +109,8 @@ DEFECTS = {
     "R3.2-L01": lambda: [*connection(), _seg("198.18.3.2", S, 40002, 80, "S", [MPJoinSyn(
         address_id=1, receiver_token=crypto.token(KEY_S), sender_random=R_C)])],
     "R3.5-L04": lambda: [*connection(), _seg(C1, S, 40000, 80, "A", [MPFastclose(receiver_key=KEY_C)])],
+    "R3.4.1-14": lambda: [*connection(), _add_addr(5, "198.19.8.8")],
+    "R3.4.1-16": lambda: [*connection(), _add_addr(5, "198.19.8.8")],
     "R3.1-11": lambda: [*connection()[:2], _seg(C1, S, 40000, 80, "A", []),
                         *[_seg(C1, S, 40000, 80, "A", [DSS(flags="A", data_ack=1)]) for _ in range(3)]],
 }

@@ -232,8 +232,36 @@ def _fastclose_key(conn: Connection) -> Iterable[Judgment]:
                        [where])
 
 
+def _address_rebinding(conn: Connection) -> Iterable[Judgment]:
+    """An announced address ID keeps its address until the sender withdraws it (§3.4.1)."""
+    bound: dict[tuple[bool, int | None], tuple[str | None, Where]] = {}
+    withdrawn: dict[tuple[bool, int | None], tuple[str | None, Where]] = {}
+    for e in conn.events:
+        key = (e.from_initiator, e.address_id)
+        if e.kind == "REMOVE_ADDR":
+            if key in bound:
+                withdrawn[key] = bound.pop(key)
+        elif e.kind == "ADD_ADDR":
+            before = bound.get(key)
+            if before is None:
+                old = withdrawn.pop(key, None)
+                if old is not None and old[0] != e.address:
+                    yield Judgment("R3.4.1-16", PASS, f"address ID {e.address_id} is rebound from {old[0]} to "
+                                   f"{e.address} only after a REMOVE_ADDR", [old[1], e.where])
+                bound[key] = (e.address, e.where)
+                continue
+            same = before[0] == e.address
+            yield Judgment("R3.4.1-14", PASS if same else FAIL,
+                           f"ADD_ADDR id {e.address_id} is announced again with {e.address}; it was {before[0]}",
+                           [before[1], e.where])
+            if not same:
+                yield Judgment("R3.4.1-16", FAIL, f"address ID {e.address_id} is rebound from {before[0]} to "
+                               f"{e.address} without a REMOVE_ADDR first", [before[1], e.where])
+                bound[key] = (e.address, e.where)
+
+
 CONNECTION_RULES: tuple[Callable[[Connection], Iterable[Judgment]], ...] = (
-    _third_ack, _join_hmacs, _add_addr, _idsn, _join_ports, _address_ids, _fastclose_key)
+    _third_ack, _join_hmacs, _add_addr, _idsn, _join_ports, _address_ids, _fastclose_key, _address_rebinding)
 
 
 def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]]:
@@ -256,4 +284,4 @@ def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]
 def rule_ids() -> set[str]:
     """Every requirement ID some passive rule judges."""
     return {r.rid for r in OPTION_RULES} | {"R3.1-11", "R3.2-03", "R3.4.1-L01", "R3.4.1-L02", "R3.1-34",
-                                            "R3.9.1-02", "R3.2-L01", "R3.5-L04"}
+                                            "R3.9.1-02", "R3.2-L01", "R3.5-L04", "R3.4.1-14", "R3.4.1-16"}
