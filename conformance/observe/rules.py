@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conformance.errors import HarnessError
 from conformance.observe.model import ACK, SYN, Connection, ModelBuilder, Subflow, Where
 from conformance.wire.bulk import Packet, iter_pcap
 
@@ -260,8 +261,12 @@ def _address_rebinding(conn: Connection) -> Iterable[Judgment]:
                 bound[key] = (e.address, e.where)
 
 
-CONNECTION_RULES: tuple[Callable[[Connection], Iterable[Judgment]], ...] = (
-    _third_ack, _join_hmacs, _add_addr, _idsn, _join_ports, _address_ids, _fastclose_key, _address_rebinding)
+# Each connection rule with the requirement IDs it judges (so the list of judged IDs is derived).
+CONNECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Connection], Iterable[Judgment]]], ...] = (
+    (("R3.1-11",), _third_ack), (("R3.2-03",), _join_hmacs), (("R3.4.1-L01", "R3.4.1-L02"), _add_addr),
+    (("R3.1-34",), _idsn), (("R3.9.1-02",), _join_ports), (("R3.2-L01",), _address_ids),
+    (("R3.5-L04",), _fastclose_key), (("R3.4.1-14", "R3.4.1-16"), _address_rebinding),
+)
 
 
 def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]]:
@@ -274,8 +279,10 @@ def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]
     conns = builder.connections
     judgments = observer.judge(conns)
     for i, conn in enumerate(conns):
-        for rule in CONNECTION_RULES:
+        for rids, rule in CONNECTION_RULES:
             for j in rule(conn):
+                if j.rid not in rids:  # a rule reporting under an ID it does not declare is our bug
+                    raise HarnessError(f"{rule.__name__} judged {j.rid}, not one of its IDs {rids}")
                 j.connection = i
                 judgments.append(j)
     return conns, judgments
@@ -283,5 +290,4 @@ def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]
 
 def rule_ids() -> set[str]:
     """Every requirement ID some passive rule judges."""
-    return {r.rid for r in OPTION_RULES} | {"R3.1-11", "R3.2-03", "R3.4.1-L01", "R3.4.1-L02", "R3.1-34",
-                                            "R3.9.1-02", "R3.2-L01", "R3.5-L04", "R3.4.1-14", "R3.4.1-16"}
+    return {r.rid for r in OPTION_RULES} | {rid for rids, _ in CONNECTION_RULES for rid in rids}
