@@ -377,17 +377,17 @@ def test_synthetic_capture_every_link_type(tmp_path, link, variant):
     assert stats.not_tcp == len(frames) - stats.tcp - stats.fragments - stats.malformed
     assert stats.format == ("pcapng" if variant.startswith("pcapng") else "pcap")
     assert (cut > 0) == (variant == "snap96")  # IPv6 + extension headers + TCP with 40 bytes of options
-    # Frame numbers count every record; times are relative to the first record (1 ms apart here).
+    # Frame numbers count every record; times are the records' own (epoch seconds, 1 ms apart here).
     assert [p.frame for p in got] == [i + 1 for i, (f, p) in enumerate(items) if any(f is g for g, _ in fits)]
     for p in got:
-        assert p.time == pytest.approx((p.frame - 1) * 0.001, abs=2e-6)
+        assert p.time - got[0].time == pytest.approx((p.frame - got[0].frame) * 0.001, abs=2e-6)
     if shutil.which("tshark") and variant != "snap96":
         assert_like_tshark(path, got)
 
 
 def assert_like_tshark(path: Path, got) -> None:
     """Frame numbers, times, addresses, ports, flags and payload lengths as tshark reads the file."""
-    fields = ["frame.number", "frame.time_relative", "ip.src", "ipv6.src", "ip.dst", "ipv6.dst", "tcp.srcport",
+    fields = ["frame.number", "frame.time_epoch", "ip.src", "ipv6.src", "ip.dst", "ipv6.dst", "tcp.srcport",
               "tcp.dstport", "tcp.flags", "tcp.seq_raw", "tcp.ack_raw", "tcp.len", "tcp.options.mptcp.subtype"]
     argv = ["tshark", "-n", "-r", str(path), "-o", "ip.defragment:FALSE", "-o", "ipv6.defragment:FALSE",
             "-Y", "tcp", "-T", "fields", "-E", "occurrence=f"]

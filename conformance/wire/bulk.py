@@ -269,13 +269,16 @@ class Packet:
     first access."""
 
     __slots__ = ("_options", "ack", "dport", "dst", "flags", "frame", "ip_version", "payload_len",
-                 "raw_options", "seq", "sport", "src", "time")
+                 "raw_options", "seq", "sport", "src", "time", "urgent", "window", "wscale")
 
     def __init__(self, frame: int, time: float, src: str, dst: str, sport: int, dport: int, flags: int,
-                 seq: int, ack: int, payload_len: int, ip_version: int, raw_options: list[bytes]):
+                 seq: int, ack: int, payload_len: int, ip_version: int, raw_options: list[bytes],
+                 window: int = 0, urgent: int = 0, wscale: int | None = None):
         self.frame, self.time, self.src, self.dst, self.sport, self.dport = frame, time, src, dst, sport, dport
         self.flags, self.seq, self.ack, self.payload_len = flags, seq, ack, payload_len
         self.ip_version, self.raw_options, self._options = ip_version, raw_options, None
+        # window: the raw 16-bit field; wscale: the SYN's Window Scale shift (None: not a SYN or none)
+        self.window, self.urgent, self.wscale = window, urgent, wscale
 
     @property
     def options(self) -> list[tuple[str, dict]]:
@@ -324,7 +327,7 @@ _LINKTYPES = {_LT_NULL: "null", _LT_ETHERNET: "Ethernet", _LT_RAW: "raw IP", _LT
               _LT_SLL2: "Linux cooked v2 (SLL2)"}
 _VLAN = (0x8100, 0x88A8, 0x9100)
 _IP4 = struct.Struct("!HHHBBHII")  # total length, id, frag, ttl, proto, csum, src, dst (from byte 2)
-_TCP = struct.Struct("!HHIIBB")
+_TCP = struct.Struct("!HHIIBBHxxH")
 _H = struct.Struct("!H")
 _V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
 
@@ -348,6 +351,24 @@ def _ipv6_str(addr: bytes) -> str:
 
 
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
+
+
+def _wscale(opts: bytes) -> int | None:
+    """The shift of a SYN's Window Scale option (kind 3), or None."""
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:
+            return None
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= n or opts[i + 1] < 2:
+            return None
+        if kind == 3 and opts[i + 1] == 3 and i + 2 < n:
+            return opts[i + 2]
+        i += opts[i + 1]
+    return None
 
 
 def _mptcp_chunks(opts: bytes) -> list[bytes]:
@@ -375,7 +396,7 @@ def _mptcp_chunks(opts: bytes) -> list[bytes]:
 
 
 # Ethernet type; IPv4 version/IHL, total length, fragment field, protocol, addresses; TCP up to its flags.
-_ETH_IP4_TCP = struct.Struct("!12xHBxHxxHxBxxIIHHIIBB").unpack_from
+_ETH_IP4_TCP = struct.Struct("!12xHBxHxxHxBxxIIHHIIBBHxxH").unpack_from
 
 
 def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame: int, time: float,
@@ -384,7 +405,7 @@ def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame
     end = o + caplen
     # The hot path, one unpack: Ethernet, IPv4 without options, not a fragment, TCP.
     if linktype == 1 and caplen >= 54:
-        et, vihl, total, frag, proto, s, d, sport, dport, seq, ack, off, fl = _fast(buf, o)
+        et, vihl, total, frag, proto, s, d, sport, dport, seq, ack, off, fl, win, urg = _fast(buf, o)
         if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x1FFF:
             hl = (off >> 4) * 4
             if total == 0:
@@ -392,13 +413,16 @@ def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame
             payload = total - 20 - hl
             if hl < 20 or 34 + hl > caplen or payload < 0:
                 return _MALFORMED
+            ws = None
             if hl > 20:
                 opts = buf[o + 54:o + 34 + hl]
                 raw = _mptcp_chunks(opts) if KIND in opts else []
+                if fl & 2:
+                    ws = _wscale(opts)
             else:
                 raw = []
             return Packet(frame, time, _v4.get(s) or _ipv4_str(s), _v4.get(d) or _ipv4_str(d), sport, dport,
-                          (off & 15) << 8 | fl, seq, ack, payload, 4, raw)
+                          (off & 15) << 8 | fl, seq, ack, payload, 4, raw, win, urg, ws)
     # -- link layer
     if linktype == _LT_ETHERNET:
         p = o + 14
@@ -487,17 +511,21 @@ def _segment(buf: bytes, o: int, caplen: int, origlen: int, linktype: int, frame
     # -- TCP
     if t + 20 > end:
         return _MALFORMED
-    sport, dport, seq, ack, off, fl = _TCP.unpack_from(buf, t)
+    sport, dport, seq, ack, off, fl, win, urg = _TCP.unpack_from(buf, t)
     hl = (off >> 4) * 4
     payload = rest - hl
     if hl < 20 or t + hl > end or payload < 0:
         return _MALFORMED
+    ws = None
     if hl > 20:
         opts = buf[t + 20:t + hl]
         raw = _mptcp_chunks(opts) if KIND in opts else []
+        if fl & 2:
+            ws = _wscale(opts)
     else:
         raw = []
-    return Packet(frame, time, src, dst, sport, dport, (off & 15) << 8 | fl, seq, ack, payload, version, raw)
+    return Packet(frame, time, src, dst, sport, dport, (off & 15) << 8 | fl, seq, ack, payload, version, raw,
+                  win, urg, ws)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +580,6 @@ def _pcap_packets(path: Path) -> Iterator[Packet | int]:
         read, segment = f.read, _segment
         buf, pos, size, base = b"", 0, 0, 24  # buf holds the file from byte offset base on
         frame = 0
-        sec0 = frac0 = None
         while True:
             if pos + 16 > size:
                 buf, base, pos = buf[pos:] + read(_CHUNK), base + pos, 0
@@ -574,10 +601,7 @@ def _pcap_packets(path: Path) -> Iterator[Packet | int]:
                     raise InputError(f"{path}: truncated record at byte offset {base}: {caplen} bytes "
                                      f"of packet data announced, {size - 16} there")
             frame += 1
-            if sec0 is None:
-                sec0, frac0 = sec, frac
-            pkt = segment(buf, pos + 16, caplen, origlen, linktype, frame,
-                          (sec - sec0) + (frac - frac0) * unit)
+            pkt = segment(buf, pos + 16, caplen, origlen, linktype, frame, sec + frac * unit)
             pos = end
             yield pkt
 
@@ -607,7 +631,6 @@ def _pcapng_packets(path: Path) -> Iterator[Packet | int]:
         head, u32, epb = fm.head, fm.u32, fm.epb
         interfaces: list[tuple[int, int, float, int]] = []  # (linktype, ticks/s, 1/ticks, offset s)
         frame = 0
-        sec0, frac0 = None, 0.0  # the first packet's time: whole seconds, fraction
         sec, frac = 0, 0.0  # the last timestamped packet's (a Simple Packet Block has none)
         while True:
             if pos + 12 > size:
@@ -675,9 +698,7 @@ def _pcapng_packets(path: Path) -> Iterator[Packet | int]:
                 pos = end
                 continue
             frame += 1
-            if sec0 is None:
-                sec0, frac0 = sec, frac
-            pkt = segment(buf, data, caplen, origlen, linktype, frame, (sec - sec0) + (frac - frac0))
+            pkt = segment(buf, data, caplen, origlen, linktype, frame, sec + frac)
             pos = end
             yield pkt
 
