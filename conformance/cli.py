@@ -71,7 +71,7 @@ def _check_pcap(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_ENV
     try:
-        conns, judgments = check(args.pcap)
+        conns, judgments = check(args.pcap, complete=args.complete)
     except InputError as exc:
         print(f"mptcp-conformance check-pcap: {exc}", file=sys.stderr)
         return EXIT_ENV
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--json", action="store_true", help="machine-readable output")
     chk.add_argument("--only", metavar="IDS", help="comma-separated requirement IDs to report")
     chk.add_argument("--strict", action="store_true", help="a failed SHOULD fails the exit code too")
+    chk.add_argument("--complete", action="store_true",
+                     help="the captures show every subflow (all paths): judge Data ACKs against all data seen")
     rep = sub.add_parser("report", help="render report.md and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")

@@ -3,6 +3,7 @@ DATA_FIN, fallback, and one vantage per subflow when several links saw it."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 
 from scapy.layers.inet import IP, TCP
@@ -17,7 +18,18 @@ R_C, R_S = 0x01020304, 0x05060708
 C1, C2, S = "198.18.1.2", "198.18.2.2", "198.19.0.2"
 
 
-def _seg(src, dst, sport, dport, flags, opts, payload=b"", seq=1, ack=1):
+def isn(src, sport, dst, dport) -> int:
+    """A fixed, unpredictable-looking ISN per direction, as RFC 6528 would give."""
+    return int.from_bytes(hashlib.sha256(f"{src} {sport} {dst} {dport}".encode()).digest()[:4], "big")
+
+
+def _seg(src, dst, sport, dport, flags, opts, payload=b"", seq=None, ack=None):
+    """A segment; by default its sequence number is the direction's ISN (+1 after the SYN) and it
+    acknowledges the peer's SYN."""
+    if seq is None:
+        seq = (isn(src, sport, dst, dport) + ("S" not in flags)) % 2**32
+    if ack is None:
+        ack = (isn(dst, dport, src, sport) + 1) % 2**32 if "A" in flags else 0
     return Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack,
                                                 options=opts) / payload
 
@@ -39,14 +51,14 @@ def connection(*, good_hmac: bool = True, mptcp_synack: bool = True) -> list:
     fin = DSS(flags="AaMmF", data_ack=crypto.idsn(KEY_S) + 1, dsn=crypto.idsn(KEY_C) + 1, ssn=1,
               data_level_length=6, checksum=0)
     pkts += [
-        _seg(C2, S, 40001, 80, "S", [MPJoinSyn(address_id=1, receiver_token=crypto.token(KEY_S),
+        _seg(C2, S, 40000, 80, "S", [MPJoinSyn(address_id=1, receiver_token=crypto.token(KEY_S),
                                                sender_random=R_C)]),
-        _seg(S, C2, 80, 40001, "SA", [MPJoinSynAck(address_id=0, sender_truncated_hmac=synack_mac,
+        _seg(S, C2, 80, 40000, "SA", [MPJoinSynAck(address_id=0, sender_truncated_hmac=synack_mac,
                                                    sender_random=R_S)]),
-        _seg(C2, S, 40001, 80, "A", [MPJoinAck(sender_hmac=ack_mac)]),
+        _seg(C2, S, 40000, 80, "A", [MPJoinAck(sender_hmac=ack_mac)]),
         _seg(S, C1, 80, 40000, "A", [AddAddr(address_id=5, address=str(addr), truncated_hmac=add_mac)]),
         _seg(C1, S, 40000, 80, "A", [AddAddr(echo=1, address_id=5, address=str(addr))]),
-        _seg(C2, S, 40001, 80, "PA", [fin], payload=b"hello"),
+        _seg(C2, S, 40000, 80, "PA", [fin], payload=b"hello"),
     ]
     return pkts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from scapy.utils import wrpcap
-from test_observe_model import C1, C2, KEY_C, KEY_S, R_C, R_S, S, _seg, connection
+from test_observe_model import C1, C2, KEY_C, KEY_S, R_C, R_S, S, _seg, connection, isn
 
 from conformance.observe.rules import FAIL, PASS, check, rule_ids
 from conformance.requirements import load_catalogue
@@ -12,10 +12,12 @@ from conformance.wire import (
     DSS,
     AddAddr,
     MPCapable,
+    MPFail,
     MPFastclose,
     MPJoinAck,
     MPJoinSyn,
     MPJoinSynAck,
+    MPPrio,
     MPTCPRst,
     RemoveAddr,
     crypto,
@@ -24,6 +26,9 @@ from conformance.wire import (
 
 def _judge(tmp_path, pkts, name="c.pcap"):
     path = tmp_path / name
+    for i, pkt in enumerate(pkts):  # 1 ms apart, in list order, unless a fixture set its own times
+        if not getattr(pkt, "fixed_time", False):
+            pkt.time = 1_000_000_000 + i / 1000
     wrpcap(str(path), pkts)
     _, judgments = check([path])
     return judgments
@@ -39,16 +44,19 @@ def full_connection() -> list:
     peer's key, and a RST with MP_TCPRST."""
     pkts = connection()
     return [*pkts, pkts[6], _seg(S, C1, 80, 40000, "A", [RemoveAddr(address_ids=[5])]),
+            _seg(S, C1, 80, 40000, "A", [], ack=2),  # not a duplicate ACK: the next signal starts a new run
             _add_addr(5, "198.19.8.8"),
             _seg(C1, S, 40000, 80, "A", [DSS(flags="AaMmF", data_ack=1, dsn=crypto.idsn(KEY_C) + 6, ssn=0,
                                              data_level_length=1, checksum=0)]),
+            _seg(C1, S, 40000, 80, "A", [AddAddr(echo=1, address_id=5, address="198.19.8.8")]),
             _seg(C1, S, 40000, 80, "A", [MPFastclose(receiver_key=KEY_S)]),
-            _seg(C2, S, 40001, 80, "R", [MPTCPRst(flags="T", reason=1)])]
+            _seg(C2, S, 40000, 80, "R", [MPTCPRst(flags="T", reason=1)])]
 
 
 def test_every_rule_passes_on_a_correct_connection(tmp_path):
-    judgments = _judge(tmp_path, full_connection())
-    for rid in rule_ids():
+    """Each rule on the capture that exercises it correctly: full_connection() or its own."""
+    for rid in sorted(rule_ids()):
+        judgments = _judge(tmp_path, PASSES.get(rid, full_connection)())
         assert _outcomes(judgments, rid) == {PASS}, (rid, [str(j) for j in judgments if j.rid == rid])
 
 
@@ -71,6 +79,15 @@ def _ports(pkt, port):
         pkt["TCP"].dport = port
     else:
         pkt["TCP"].sport = port
+    return pkt
+
+
+def _client_port(pkt, port):
+    pkt = pkt.copy()
+    if pkt["TCP"].dport == 80:
+        pkt["TCP"].sport = port
+    else:
+        pkt["TCP"].dport = port
     return pkt
 
 
@@ -100,7 +117,7 @@ DEFECTS = {
     "R3.4.1-L01": lambda: [*connection()[:7], connection()[8],
                            *[_seg(C1, S, 40000, 80, "A", [DSS(flags="A", data_ack=1)]) for _ in range(12)]],
     "R3.2-03": lambda: _replace(connection(), 4, [MPJoinSynAck(sender_truncated_hmac=1, sender_random=R_S)]),
-    "R3.6-07": lambda: [*connection(), _seg(C2, S, 40001, 80, "R", [MPTCPRst(flags="TU", reason=1)])],
+    "R3.6-07": lambda: [*connection(), _seg(C2, S, 40000, 80, "R", [MPTCPRst(flags="TU", reason=1)])],
     "RC.1.1-L01": lambda: [*connection(), _seg(C1, S, 40000, 80, "A", [DSS(flags="AaMm", data_ack=1, dsn=9, ssn=1,
                                                                           data_level_length=4)], payload=b"abcd")],
     "R3.1-34": lambda: _replace(connection(), 8, [DSS(flags="AaMmF", data_ack=1, dsn=5, ssn=1, data_level_length=6,
@@ -116,16 +133,9 @@ DEFECTS = {
 }
 
 
-@pytest.mark.parametrize("rid", sorted(DEFECTS))
-def test_rule_fails_on_its_defect(tmp_path, rid):
-    judgments = _judge(tmp_path, DEFECTS[rid]())
-    failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
-    assert failed, (rid, [str(j) for j in judgments])
-    assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence
-
-
 def test_every_rule_has_a_failing_fixture():
-    assert set(DEFECTS) >= rule_ids()
+    assert set(DEFECTS) | MAY_WITHOUT_FAILURE >= rule_ids()
+    assert not set(DEFECTS) & MAY_WITHOUT_FAILURE
 
 
 def test_keys_are_still_read_when_a_rule_fails(tmp_path):
@@ -133,3 +143,231 @@ def test_keys_are_still_read_when_a_rule_fails(tmp_path):
     wrpcap(str(path), DEFECTS["R3.1-15"]())
     conns, _ = check([path])
     assert conns[0].keys == [KEY_C, KEY_S]
+
+
+# -- a connection that moves data both ways and closes: what the stream and close rules look at ----
+
+IDSN_C, IDSN_S = crypto.idsn(KEY_C), crypto.idsn(KEY_S)
+ISN_C, ISN_S = isn(C1, 40000, S, 80), isn(S, 80, C1, 40000)
+
+
+def _c(flags, opts, payload=b"", sent=0, acked=0, **kw):
+    """Initiator -> listener on the first subflow; `sent`/`acked`: bytes before this one each way."""
+    return _seg(C1, S, 40000, 80, flags, opts, payload, seq=(ISN_C + 1 + sent) % 2**32,
+                ack=(ISN_S + 1 + acked) % 2**32, **kw)
+
+
+def _s(flags, opts, payload=b"", sent=0, acked=0, **kw):
+    return _seg(S, C1, 80, 40000, flags, opts, payload, seq=(ISN_S + 1 + sent) % 2**32,
+                ack=(ISN_C + 1 + acked) % 2**32, **kw)
+
+
+def _dss(flags, *, ack=None, dsn=None, ssn=None, dll=None, csum=True):
+    kw = {}
+    if ack is not None:
+        kw["data_ack"] = ack % 2**64 if "a" in flags else ack % 2**32
+    if dsn is not None:
+        kw.update(dsn=dsn % 2**64 if "m" in flags else dsn % 2**32, ssn=ssn, data_level_length=dll)
+        if csum:
+            kw["checksum"] = 0
+    return DSS(flags=flags, **kw)
+
+
+def data_connection(*, first_data=None, wide_ack=True, urgent=None, close=True) -> list:
+    """4 bytes each way, DATA_FINs Data-ACKed, the subflow closed by FIN both ways."""
+    a = "Aa" if wide_ack else "A"
+    first = first_data or _c("PA", [MPCapable(flags="AH", sender_key=KEY_C, receiver_key=KEY_S,
+                                              data_level_length=4, checksum=0)], b"abcd")
+    pkts = [
+        _seg(C1, S, 40000, 80, "S", [MPCapable(flags="AH")], seq=ISN_C),
+        _seg(S, C1, 80, 40000, "SA", [MPCapable(flags="AH", sender_key=KEY_S)], seq=ISN_S, ack=ISN_C + 1),
+        _c("A", [MPCapable(flags="AH", sender_key=KEY_C, receiver_key=KEY_S)]),
+        first,
+        _s("PA", [_dss(a + "Mm", ack=IDSN_C + 5, dsn=IDSN_S + 1, ssn=1, dll=4)], b"wxyz", acked=4),
+        _c("PA" + ("U" if urgent is not None else ""), [_dss(a + "Mm", ack=IDSN_S + 5, dsn=IDSN_C + 5, ssn=5,
+                                                           dll=4)], b"efgh", sent=4, acked=4),
+        _c("A", [_dss(a + "MmF", ack=IDSN_S + 5, dsn=IDSN_C + 9, ssn=0, dll=1)], sent=8, acked=4),
+        _s("A", [_dss(a + "MmF", ack=IDSN_C + 10, dsn=IDSN_S + 5, ssn=0, dll=1)], sent=4, acked=8),
+        _c("A", [_dss(a, ack=IDSN_S + 6)], sent=8, acked=4),
+    ]
+    if urgent is not None:
+        pkts[5]["TCP"].urgptr = urgent
+    if close:
+        pkts += [_c("FA", [_dss(a, ack=IDSN_S + 6)], sent=8, acked=5), _s("FA", [_dss(a, ack=IDSN_C + 10)], sent=5,
+                                                                          acked=9),
+                 _c("A", [_dss(a, ack=IDSN_S + 6)], sent=9, acked=6)]
+    return pkts
+
+
+def _second_connection(key: int) -> list:
+    """Another connection from C1, open at the same time, with initiator key `key`."""
+    return [_seg(C1, S, 40002, 80, "S", [MPCapable(flags="AH")]),
+            _seg(S, C1, 80, 40002, "SA", [MPCapable(flags="AH", sender_key=KEY_S + 1)]),
+            _seg(C1, S, 40002, 80, "A", [MPCapable(flags="AH", sender_key=key, receiver_key=KEY_S + 1)])]
+
+
+def _with_join_data(rst_opts, *, acked: bool, retransmit: int = 0, fin_after: bool = False) -> list:
+    """connection() plus 5 bytes on the join (re-sent `retransmit` times), acknowledged or not,
+    then a RST from the initiator with `rst_opts`, and later traffic on the first subflow."""
+    pkts = connection()[:6]
+    jc, js = isn(C2, 40000, S, 80), isn(S, 80, C2, 40000)
+    data = _seg(C2, S, 40000, 80, "PA", [_dss("AaMm", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1, dll=5)], b"hello",
+                seq=jc + 1, ack=js + 1)
+    pkts += [data] * (1 + retransmit)
+    if acked:
+        pkts.append(_seg(S, C2, 80, 40000, "A", [_dss("Aa", ack=IDSN_C + 6)], seq=js + 1, ack=jc + 6))
+    pkts.append(_seg(C2, S, 40000, 80, "R", rst_opts, seq=jc + 6, ack=js + 1))
+    pkts.append(_c("A", [_dss("Aa", ack=IDSN_S + 1)], acked=0))
+    return pkts
+
+
+def _fast_32bit_sender() -> list:
+    """600 mappings of 64 KB with 32-bit DSNs over one second: 39 MB/s, fast enough to wrap a
+    32-bit DSN within the MSL."""
+    pkts = connection()[:3]
+    for i in range(600):
+        seg = _c("A", [_dss("AaM", ack=IDSN_S + 1, dsn=IDSN_C + 1 + i * 65535, ssn=1 + i * 65535, dll=65535)])
+        seg.time, seg.fixed_time = 1_000_000_001 + i / 599, True
+        pkts.append(seg)
+    return pkts
+
+
+def _crossed_joins() -> list:
+    """Both hosts join the same address pair at once, and both subflows live on."""
+    pkts = connection()[:6]
+    return [*pkts, _seg(S, C2, 45000, 40000, "S", [MPJoinSyn(address_id=0, receiver_token=crypto.token(KEY_C),
+                                                             sender_random=R_S)]),
+            _seg(C2, S, 40000, 80, "A", [_dss("Aa", ack=IDSN_S + 1)], seq=isn(C2, 40000, S, 80) + 1)]
+
+
+def _mp_fail_then_join(first_mapping) -> list:
+    """The listener resets the join with MP_FAIL at DSN IDSN_C+1; the initiator opens a new subflow
+    whose first mapping is `first_mapping`."""
+    pkts = connection()[:6]
+    c3 = "198.18.3.2"
+    pkts.append(_seg(S, C2, 80, 40000, "R", [MPFail(dsn=IDSN_C + 1)], seq=isn(S, 80, C2, 40000) + 1))
+    pkts += [_seg(c3, S, 40000, 80, "S", [MPJoinSyn(address_id=3, receiver_token=crypto.token(KEY_S),
+                                                    sender_random=R_C)]),
+             _seg(c3, S, 40000, 80, "PA", [first_mapping], b"hello")]
+    return pkts
+
+
+def _infinite_mapping(data_ack_after: bool) -> list:
+    """The initiator switches to an infinite mapping; the listener acknowledges that segment."""
+    pkts = data_connection(close=False)[:6]
+    inf = _c("PA", [_dss("AaMm", ack=IDSN_S + 5, dsn=IDSN_C + 9, ssn=9, dll=0, csum=False)], b"ijkl", sent=8,
+             acked=4)
+    after = _s("A", [_dss("Aa", ack=IDSN_C + 13)] if data_ack_after else [], sent=4, acked=12)
+    return [*pkts, inf, after]
+
+
+def _window(shrink: bool) -> list:
+    pkts = data_connection()
+    a = _s("A", [_dss("Aa", ack=IDSN_C + 10)], sent=5, acked=9)
+    b = _s("A", [_dss("Aa", ack=IDSN_C + 10)], sent=5, acked=9)
+    a["TCP"].window, b["TCP"].window = 9000, 8000 if shrink else 9500
+    return [*pkts[:-1], a, b]
+
+
+def _removal(prio: bool) -> list:
+    extra = [_seg(S, C1, 80, 40000, "A", [MPPrio(backup=1)], ack=3)] if prio else []
+    return [*connection(), *extra, _seg(S, C1, 80, 40000, "A", [RemoveAddr(address_ids=[5])], ack=4)]
+
+
+def _rst_reason(reason: int, *, acked: bool) -> list:
+    return _with_join_data([MPTCPRst(reason=reason)], acked=acked)
+
+
+PASSES = {
+    "R3.1-07": lambda: [*connection()[:3], *_second_connection(KEY_C + 2**40), *connection()[3:]],
+    "R3.1-L01": data_connection, "R3.7-02": data_connection, "R3.3.2-01": data_connection,
+    "R3.3.2-05": data_connection, "R3.3.3-03": data_connection, "R3.3.3-04": data_connection,
+    "R3.3.3-L02": data_connection, "R3.3.2-L01": data_connection, "R3.3.4-01": lambda: _window(False),
+    "R3.3.1-05": lambda: data_connection(urgent=4),
+    "R3.3.1-11": lambda: data_connection(first_data=_c("PA", [_dss("AaM", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1,
+                                                                   dll=4)], b"abcd")),
+    "R3.3.3-05": lambda: _rst_reason(4, acked=False),
+    "R3.3.6-04": lambda: _rst_reason(5, acked=True), "R3.3.6-05": lambda: _rst_reason(5, acked=True),
+    "R3.4.2-07": lambda: _removal(True),
+    "R3.7-14": lambda: _mp_fail_then_join(_dss("AaMm", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1, dll=0, csum=False)),
+    "R3.7-16": lambda: _infinite_mapping(False),
+    "R3.7-L02": lambda: [*connection(), _seg(S, C2, 80, 40000, "R", [MPFail(dsn=IDSN_C + 1)])],
+    "R3.3.2-06": lambda: data_connection()[:6],
+}
+
+# A MAY on its own forbids nothing: these rules report that the allowed behaviour was seen.
+MAY_WITHOUT_FAILURE = {"R3.3.2-05", "R3.3.1-11", "R3.3.6-04", "R3.4.1-06", "R3.4.2-07"}
+
+
+def _orphan_join(token: int) -> list:
+    return [*connection()[:3], _seg(C2, S, 40000, 80, "S", [MPJoinSyn(address_id=1, receiver_token=token,
+                                                                      sender_random=R_C)])]
+
+
+def _data_from(dsn: int) -> list:
+    return [*connection()[:3], _c("PA", [_dss("AaMm", ack=IDSN_S + 1, dsn=dsn, ssn=1, dll=4)], b"abcd")]
+
+
+def _digest(key: int, order: str = "big") -> bytes:
+    import hashlib
+
+    return hashlib.sha256(key.to_bytes(8, order)).digest()
+
+
+def _three_signals() -> list:
+    pkts = connection()
+    return [*pkts, pkts[6], _seg(S, C1, 80, 40000, "A", [RemoveAddr(address_ids=[5])]), _add_addr(5, "198.19.9.9")]
+
+
+DEFECTS.update({
+    "R3-02": _three_signals, "R3.4.1-18": _three_signals, "R4-03": _three_signals,
+    "R3-04": lambda: [*connection()[:3], _seg(C2, S, 40000, 80, "S", [MPJoinSyn(
+        address_id=1, receiver_token=crypto.token(KEY_S), sender_random=R_C)], seq=ISN_C + 7)],
+    "R3.1-06": lambda: [_seg(C1, S, 40000, 80, "S", [MPCapable(flags="AH")]),
+                        _seg(S, C1, 80, 40000, "SA", [MPCapable(flags="AH", sender_key=KEY_C)]),
+                        _seg(C1, S, 40000, 80, "A", [MPCapable(flags="AH", sender_key=KEY_C,
+                                                               receiver_key=KEY_C)])],
+    "R3.1-07": lambda: [*connection()[:3], *_second_connection(KEY_C), *connection()[3:]],
+    "R3.1-14": lambda: _replace(connection(), 0, [MPCapable(flags="H")]),
+    "R3.3.1-04": lambda: _replace(_replace(connection(), 0, [MPCapable(flags="H")]), 1,
+                                  [MPCapable(flags="H", sender_key=KEY_S)]),
+    "R3.1-21": lambda: _orphan_join(int.from_bytes(_digest(KEY_S)[-4:], "big")),
+    "R3.1-23": lambda: _orphan_join(int.from_bytes(_digest(KEY_S, "little")[:4], "big")),
+    "R3.1-22": lambda: _data_from(IDSN_C + 77),
+    "R3.1-24": lambda: _data_from(int.from_bytes(_digest(KEY_C)[:8], "big") + 1),
+    "R3.1-L01": lambda: data_connection(first_data=_c("PA", [_dss("AaMm", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1,
+                                                                  dll=4)], b"abcd")),
+    "R3.7-02": lambda: data_connection(first_data=_c("PA", [], b"abcd")),
+    "R3.3.1-01": lambda: [*data_connection()[:6], _c("PA", [_dss("AaMm", ack=IDSN_S + 5, dsn=IDSN_C + 99, ssn=5,
+                                                                 dll=4)], b"efgh", sent=4, acked=4)],
+    "R3.3.1-05": lambda: data_connection(urgent=2),
+    "R3.3.1-13": _fast_32bit_sender,
+    "R3.3.1-16": lambda: [*data_connection()[:5], _c("PA", [_dss("AaMm", ack=IDSN_S + 5, dsn=IDSN_C + 5,
+                                                                 ssn=5000, dll=4)], b"efgh", sent=4, acked=4)],
+    "R3.3.2-01": lambda: data_connection(wide_ack=False),
+    "R3.3.2-06": lambda: [*data_connection()[:6], _c("A", [_dss("Aa", ack=IDSN_S + 5)], sent=8, acked=4)],
+    "R3.3.2-L01": lambda: [*data_connection()[:8], _c("A", [_dss("Aa", ack=IDSN_S + 60)], sent=8, acked=4)],
+    "R3.3.3-03": lambda: [*data_connection()[:9], _c("R", [], sent=9, acked=5)],
+    "R3.3.3-04": lambda: [*data_connection()[:9], _c("R", [], sent=9, acked=5)],
+    "R3.3.3-L02": lambda: [*data_connection()[:7], _c("FA", [], sent=8, acked=4), _s("FA", [], sent=4, acked=9)],
+    "R3.3.3-05": lambda: _rst_reason(4, acked=True),
+    "R3.3.4-01": lambda: _window(True),
+    "R3.3.6-05": lambda: _with_join_data([MPTCPRst(reason=1)], acked=False, retransmit=3),
+    "R3.4.1-02": lambda: [*connection(), _seg(C1, S, 40000, 80, "A", [AddAddr(address_id=1,
+                                                                          address="198.18.7.7")])],
+    "R3.6-01": lambda: [*connection(), _seg(C2, S, 40000, 80, "A", [MPTCPRst(reason=1)])],
+    "R3.7-14": lambda: _mp_fail_then_join(_dss("AaMm", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1, dll=5)),
+    "R3.7-16": lambda: _infinite_mapping(True),
+    "R3.7-L02": lambda: [*connection(), _seg(S, C2, 80, 40000, "R", [(30, b"\x60\x00\x00\x00\x00\x01")])],
+    "R3.9.1-01": lambda: [*connection()[:3], *(_client_port(p, 40001) for p in connection()[3:6])],
+    "R3.9.1-03": lambda: [*connection()[:3], *(_client_port(p, 40001) for p in connection()[3:6])],
+    "R3.9.2-03": _crossed_joins,
+})
+
+
+@pytest.mark.parametrize("rid", sorted(DEFECTS))
+def test_rule_fails_on_its_defect(tmp_path, rid):
+    judgments = _judge(tmp_path, DEFECTS[rid]())
+    failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
+    assert failed, (rid, [str(j) for j in judgments])
+    assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence

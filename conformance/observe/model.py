@@ -3,9 +3,12 @@
 Streaming: `ModelBuilder.feed()` takes one segment at a time and keeps per-connection and
 per-subflow state and counters, not the packets, so memory does not grow with the capture.
 
-Several captures of one topology see the same segments on several links. Each subflow is read
-from one vantage only: the first capture (in the order given) that shows its SYN; its segments
-in other captures are skipped, so nothing is counted twice.
+Several captures of one topology see the same segments on several links. Each direction of a
+subflow is read
+from one vantage only: the capture that shows its first segment (SYN, SYN/ACK) earliest, that is
+the one nearest its sender, where segments are in the order they were sent (links may reorder:
+veth queues per CPU do); copies in other captures are skipped, so nothing is counted twice.
+Captures are read merged in time order (rules.check), ties going to the capture given first.
 
 Keys give tokens and IDSNs (RFC 8684 §3.1); a join is attached to the connection whose token its
 SYN names (§3.2) and its HMACs are checked against the keys of that connection."""
@@ -20,15 +23,17 @@ from pathlib import Path
 from conformance.wire import crypto
 from conformance.wire.bulk import Packet, iter_pcap
 
-SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
+SYN, ACK, RST, FIN, URG = 0x02, 0x10, 0x04, 0x01, 0x20
 
 
 @dataclass(frozen=True)
 class Where:
-    """A frame of a capture: the evidence a verdict points to."""
+    """A frame of a capture: the evidence a verdict points to. `time` orders frames of different
+    captures (a connection's subflows are often read from different links)."""
 
     pcap: str
     frame: int
+    time: float = field(default=0.0, compare=False)
 
     def __str__(self) -> str:
         return f"{Path(self.pcap).name} frame {self.frame}"
@@ -57,8 +62,21 @@ class Subflow:
     payload: list[int] = field(default_factory=lambda: [0, 0])  # bytes from initiator, responder
     mappings: list[int] = field(default_factory=lambda: [0, 0])  # DSS mappings per direction
     rst: Where | None = None
+    rst_side: int | None = None  # which side of the subflow sent the first RST
     rst_reason: int | None = None
+    rst_reason_where: Where | None = None
     fin: list[bool] = field(default_factory=lambda: [False, False])
+    fin_where: list[Where | None] = field(default_factory=lambda: [None, None])
+    # Per side of the subflow: ISN (from its SYN), Window Scale shift, highest sequence number
+    # sent (end of payload), highest ACK sent, and how many segments re-sent old sequence space.
+    isn: list[int | None] = field(default_factory=lambda: [None, None])
+    wscale: list[int | None] = field(default_factory=lambda: [None, None])
+    snd_max: list[int | None] = field(default_factory=lambda: [None, None])
+    ack_max: list[int | None] = field(default_factory=lambda: [None, None])
+    retransmissions: list[int] = field(default_factory=lambda: [0, 0])
+    first_time: float = 0.0
+    last_time: float = 0.0
+    first_mapping: tuple[Where, int, int] | None = None  # where, 64-bit DSN, data-level length
 
     @property
     def established(self) -> bool:
@@ -90,10 +108,19 @@ class Connection:
     lowest_dsn: list[tuple[Where, int] | None] = field(default_factory=lambda: [None, None])
     mpc_data: list[int | None] = field(default_factory=lambda: [None, None])
     mp_fail: list[Where] = field(default_factory=list)
+    # Per MP_FAIL: where, its sender (connection side), the DSN it names, whether on a RST.
+    mp_fail_at: list[tuple[Where, int, int, bool]] = field(default_factory=list)
     infinite_mapping: list[Where] = field(default_factory=list)
     data_fin: list[Where | None] = field(default_factory=lambda: [None, None])
+    data_fin_dsn: list[int | None] = field(default_factory=lambda: [None, None])  # the DSN the DATA_FIN takes
+    # The peer's Data ACK that covers each side's DATA_FIN.
+    data_fin_acked: list[Where | None] = field(default_factory=lambda: [None, None])
     max_data_ack: list[int | None] = field(default_factory=lambda: [None, None])  # sent by initiator, listener
+    # Highest 64-bit DSN each side has mapped (end of its mappings), for expanding 32-bit values.
+    dsn_end: list[int | None] = field(default_factory=lambda: [None, None])
     fallback: str | None = None  # why the connection runs as plain TCP, if it does
+    first_time: float = 0.0
+    last_time: float = 0.0
 
     def token(self, side: int) -> int | None:
         key = self.keys[side]
@@ -109,33 +136,79 @@ class Connection:
         known = [f for f in self.flags[:2] if f is not None]
         return None if not known else any(f & 0x80 for f in known)
 
+    def expand_dsn(self, side: int, value: int, bits: int) -> int:
+        """A DSN of `side` (or a Data ACK of its data) as 64 bits: 32-bit values are placed next to
+        the highest DSN that side has mapped, or its IDSN (§3.3.1)."""
+        if bits == 64:
+            return value
+        near = self.dsn_end[side]
+        if near is None:
+            near = self.idsn(side)
+        if near is None:
+            return value
+        return expand32(near, value)
+
+    def side_of(self, address: str) -> int | None:
+        """The connection side (0 initiator, 1 listener) owning `address`, by its subflows."""
+        for sub in self.subflows:
+            initiator = 1 - sub.responder_side if not sub.initial else 0
+            if sub.tuple4[0] == address:
+                return initiator
+            if sub.tuple4[2] == address:
+                return 1 - initiator
+        return None
+
+
+def expand32(near: int, low: int) -> int:
+    """The 64-bit number closest to `near` whose low 32 bits are `low`."""
+    candidate = (near & ~0xFFFFFFFF) | low
+    if candidate - near > 2**31:
+        candidate -= 2**32
+    elif near - candidate > 2**31:
+        candidate += 2**32
+    return candidate % 2**64
+
+
+def seq_after(a: int, b: int) -> bool:
+    """a > b in 32-bit sequence space (RFC 1982 arithmetic)."""
+    return a != b and (a - b) % 2**32 < 2**31
+
 
 # Called for every MPTCP option of every segment the model reads (once per segment, from its
 # vantage): (connection or None for an unmatched join, subflow, where, packet, option class, fields).
 OptionObserver = Callable[["Connection | None", Subflow, Where, Packet, str, dict], None]
+# Called once per segment after the model has taken its options in: (connection, subflow, where,
+# packet, side of the subflow that sent it, side of the connection that sent it).
+SegmentObserver = Callable[[Connection, Subflow, Where, Packet, int, int], None]
 
 
 class ModelBuilder:
     """Feed segments (capture by capture); read `connections` at the end. Observers see every
     option as it streams past (the passive rules use this: nothing is kept per packet)."""
 
-    def __init__(self, observers: Iterable[OptionObserver] = ()) -> None:
+    def __init__(self, observers: Iterable[OptionObserver] = (),
+                 segment_observers: Iterable[SegmentObserver] = ()) -> None:
         self.observers = list(observers)
+        self.segment_observers = list(segment_observers)
         self.connections: list[Connection] = []
+        self.orphans: list[Subflow] = []  # joins whose token names no connection of the capture
         self._subflows: dict[frozenset, tuple[Connection | None, Subflow, str]] = {}
         self._by_token: dict[int, tuple[Connection, int]] = {}
 
     def feed(self, pcap: str, p: Packet) -> None:
         ends = frozenset(((p.src, p.sport), (p.dst, p.dport)))
         known = self._subflows.get(ends)
-        where = Where(pcap, p.frame)
+        where = Where(pcap, p.frame, p.time)
         if known is None:
             if p.flags & (SYN | ACK) == SYN:
                 self._open(ends, where, p)
             return
-        conn, sub, vantage = known
-        if vantage != pcap:
-            return  # the same subflow seen on another link: read from one vantage only
+        conn, sub, vantages = known
+        side = 0 if (p.src, p.sport) == sub.tuple4[:2] else 1
+        if vantages[side] is None:
+            vantages[side] = pcap
+        elif vantages[side] != pcap:
+            return  # the same segment seen on another link: each direction is read from one vantage
         self._segment(conn, sub, where, p)
 
     def _open(self, ends: frozenset, where: Where, p: Packet) -> None:
@@ -152,7 +225,9 @@ class ModelBuilder:
             if conn is not None:
                 sub.responder_side = found[1]
                 conn.subflows.append(sub)
-            self._subflows[ends] = (conn, sub, where.pcap)
+            else:
+                self.orphans.append(sub)
+            self._subflows[ends] = (conn, sub, [where.pcap, None])
         else:
             conn = Connection(syn=where)
             if mpc is not None:
@@ -162,9 +237,10 @@ class ModelBuilder:
             else:
                 conn.fallback = "the SYN carries no MP_CAPABLE"
             sub = Subflow(tuple4, initial=True, syn=where)
+            conn.first_time = p.time
             conn.subflows.append(sub)
             self.connections.append(conn)
-            self._subflows[ends] = (conn, sub, where.pcap)
+            self._subflows[ends] = (conn, sub, [where.pcap, None])
         self._segment(conn, sub, where, p, opening=True)
 
     def _segment(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet,
@@ -172,10 +248,28 @@ class ModelBuilder:
         sub.segments += 1
         side = 0 if (p.src, p.sport) == sub.tuple4[:2] else 1
         sub.payload[side] += p.payload_len
-        if p.flags & RST:
-            sub.rst = sub.rst or where
-        if p.flags & FIN:
+        if sub.segments == 1:
+            sub.first_time = p.time
+        sub.last_time = p.time
+        if conn is not None:
+            conn.last_time = max(conn.last_time, p.time)
+        flags = p.flags
+        if flags & SYN and sub.isn[side] is None:
+            sub.isn[side] = p.seq
+            sub.wscale[side] = p.wscale
+        end = (p.seq + p.payload_len + (1 if flags & (SYN | FIN) else 0)) % 2**32
+        high = sub.snd_max[side]
+        if high is None or seq_after(end, high):
+            sub.snd_max[side] = end
+        elif p.payload_len and seq_after(high, p.seq):
+            sub.retransmissions[side] += 1
+        if flags & ACK and (sub.ack_max[side] is None or seq_after(p.ack, sub.ack_max[side])):
+            sub.ack_max[side] = p.ack
+        if flags & RST and sub.rst is None:
+            sub.rst, sub.rst_side = where, side
+        if flags & FIN:
             sub.fin[side] = True
+            sub.fin_where[side] = sub.fin_where[side] or where
         for name, f in p.options:
             for observe in self.observers:
                 observe(conn, sub, where, p, name, f)
@@ -200,8 +294,13 @@ class ModelBuilder:
                 conn.fastclose.append((where, self._conn_side(sub, side), f["receiver_key"]))
             elif name == "MPFail":
                 conn.mp_fail.append(where)
-            elif name == "MPTCPRst":
-                sub.rst_reason = f["reason"]
+                conn.mp_fail_at.append((where, self._conn_side(sub, side), f["dsn"], bool(flags & RST)))
+            elif name == "MPTCPRst" and sub.rst_reason is None:
+                sub.rst_reason, sub.rst_reason_where = f["reason"], where
+        if conn is not None:
+            conn_side = self._conn_side(sub, side)
+            for observe in self.segment_observers:
+                observe(conn, sub, where, p, side, conn_side)
         if (not opening and sub.initial and conn is not None and p.flags & (SYN | ACK) == SYN | ACK
                 and conn.fallback is None and not any(n == "MPCapable" for n, _ in p.options)):
             conn.fallback = "the SYN/ACK carries no MP_CAPABLE"
@@ -216,6 +315,8 @@ class ModelBuilder:
         elif side == 0 and f.get("receiver_key") is not None:
             if f.get("data_level_length") and conn.mpc_data[0] is None:
                 conn.mpc_data[0] = f["data_level_length"]
+                if conn.dsn_end[0] is None:  # the data is mapped implicitly at IDSN+1 (§3.1)
+                    conn.dsn_end[0] = (crypto.idsn(f["sender_key"]) + 1 + f["data_level_length"]) % 2**64
             if sub.ack is None:
                 sub.ack = where
                 conn.flags[2] = f["flags"]
@@ -255,19 +356,32 @@ class ModelBuilder:
         conn_side = self._conn_side(sub, side)
         if flags & 0x04:
             sub.mappings[side] += 1
+            length = f.get("data_level_length")
+            dsn = conn.expand_dsn(conn_side, f["dsn"], 64 if flags & 0x08 else 32)
             low = conn.lowest_dsn[conn_side]
-            if flags & 0x08 and f.get("data_level_length") and (low is None or f["dsn"] < low[1]):
+            if flags & 0x08 and length and (low is None or f["dsn"] < low[1]):
                 conn.lowest_dsn[conn_side] = (where, f["dsn"])
-            if f.get("data_level_length") == 0:
+            if sub.first_mapping is None:
+                sub.first_mapping = (where, dsn, length or 0)
+            if length == 0:
                 conn.infinite_mapping.append(where)
+            elif length:
+                end = (dsn + length) % 2**64
+                if conn.dsn_end[conn_side] is None or 0 < (end - conn.dsn_end[conn_side]) % 2**64 < 2**63:
+                    conn.dsn_end[conn_side] = end
+                if flags & 0x10:  # the DATA_FIN takes the last DSN of its mapping (§3.3.3)
+                    conn.data_fin_dsn[conn_side] = (end - 1) % 2**64
         if flags & 0x10 and conn.data_fin[conn_side] is None:
             conn.data_fin[conn_side] = where
-        # Only 64-bit Data ACKs: a 32-bit one cannot be placed in sequence space without the
-        # peer's DSN history (§3.3.1), which later rules reconstruct.
-        if flags & 0x03 == 0x03:
+        if flags & 0x01:
+            peer = 1 - conn_side
+            ack = conn.expand_dsn(peer, f["data_ack"], 64 if flags & 0x02 else 32)
             best = conn.max_data_ack[conn_side]
-            if best is None or f["data_ack"] > best:
-                conn.max_data_ack[conn_side] = f["data_ack"]
+            if best is None or 0 < (ack - best) % 2**64 < 2**63:
+                conn.max_data_ack[conn_side] = ack
+            fin = conn.data_fin_dsn[peer]
+            if fin is not None and conn.data_fin_acked[peer] is None and 0 < (ack - fin) % 2**64 < 2**63:
+                conn.data_fin_acked[peer] = where
 
     @staticmethod
     def _conn_side(sub: Subflow, side: int) -> int:
@@ -289,9 +403,10 @@ class ModelBuilder:
         conn.events.append(event)
 
 
-def build(pcaps: Iterable[Path | str], observers: Iterable[OptionObserver] = ()) -> list[Connection]:
+def build(pcaps: Iterable[Path | str], observers: Iterable[OptionObserver] = (),
+          segment_observers: Iterable[SegmentObserver] = ()) -> list[Connection]:
     """The MPTCP (and fallen-back) connections in these captures of one topology, in SYN order."""
-    builder = ModelBuilder(observers)
+    builder = ModelBuilder(observers, segment_observers)
     for pcap in pcaps:
         for p in iter_pcap(pcap):
             builder.feed(str(pcap), p)

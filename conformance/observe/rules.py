@@ -11,15 +11,19 @@ saying what was seen and what the requirement wants."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import heapq
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from conformance.errors import HarnessError
-from conformance.observe.model import ACK, SYN, Connection, ModelBuilder, Subflow, Where
+from conformance.observe.connection_rules import CAPTURE_RULES, CONNECTION_RULES
+from conformance.observe.judgment import FAIL, NOT_EXERCISED, PASS, Judgment, Tally
+from conformance.observe.model import ACK, RST, SYN, Connection, ModelBuilder, Subflow, Where
+from conformance.observe.stream_rules import stream_rule_ids, stream_rules
 from conformance.wire.bulk import Packet, iter_pcap
 
-PASS, FAIL, NOT_EXERCISED = "pass", "fail", "not exercised"
+__all__ = ["FAIL", "NOT_EXERCISED", "PASS", "Judgment", "check", "rule_ids"]
 
 
 @dataclass(frozen=True)
@@ -62,32 +66,18 @@ OPTION_RULES: tuple[OptionRule, ...] = (
                lambda f, p, c: f["reserved"] == 0),
     OptionRule("R3.6-07", "MPTCPRst", "the undefined MP_TCPRST flag bits U, V, W are 0",
                lambda f, p, c: not f["flags"] & 0x0E),
+    OptionRule("R3.1-14", "MPCapable", "the handshake's MP_CAPABLE sets flag A (checksums), unless an "
+               "administrator turned checksums off", lambda f, p, c: bool(f["flags"] & 0x80),
+               lambda f, p, c: bool(p.flags & SYN)),
+    OptionRule("R3.6-01", "MPTCPRst", "MP_TCPRST rides on a RST", lambda f, p, c: bool(p.flags & RST)),
+    OptionRule("R3.7-L02", "MPFail", "MP_FAIL is 12 bytes and carries the full 64-bit DSN",
+               lambda f, p, c: True),
+    OptionRule("R3.7-L02", "MPTCPMalformed", "MP_FAIL is 12 bytes and carries the full 64-bit DSN",
+               lambda f, p, c: False, lambda f, p, c: bool(f.get("data")) and f["data"][0] >> 4 == 6),
     OptionRule("RC.1.1-L01", "DSS", "a DSS mapping carries a checksum exactly when the handshake negotiated one",
                lambda f, p, c: (f.get("checksum") is not None) == bool(c.checksum),
                lambda f, p, c: bool(f["flags"] & 0x04) and c.checksum is not None),
 )
-
-
-@dataclass
-class Judgment:
-    rid: str
-    outcome: str  # pass | fail | not exercised
-    sentence: str
-    where: list[Where] = field(default_factory=list)
-    connection: int | None = None  # index in the capture's connections
-
-    def __str__(self) -> str:
-        frames = ", ".join(str(w) for w in self.where[:3])
-        return f"[{self.rid}] {self.outcome}: {self.sentence}" + (f" ({frames})" if frames else "")
-
-
-@dataclass
-class _Tally:
-    passed: int = 0
-    failed: int = 0
-    first_pass: Where | None = None
-    first_fail: Where | None = None
-    seen: str = ""
 
 
 class OptionRuleObserver:
@@ -97,7 +87,7 @@ class OptionRuleObserver:
         self.by_option: dict[str, list[OptionRule]] = {}
         for r in rules:
             self.by_option.setdefault(r.option, []).append(r)
-        self.tallies: dict[tuple[int, OptionRule], _Tally] = {}
+        self.tallies: dict[tuple[int, OptionRule], Tally] = {}
 
     def __call__(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet, name: str, f: dict) -> None:
         if conn is None:
@@ -105,16 +95,16 @@ class OptionRuleObserver:
         for rule in self.by_option.get(name, ()):
             if not rule.applies(f, p, conn):
                 continue
-            t = self.tallies.setdefault((id(conn), rule), _Tally())
+            t = self.tallies.get((id(conn), rule))
+            if t is None:
+                t = self.tallies[(id(conn), rule)] = Tally()
             if rule.holds(f, p, conn):
-                t.passed += 1
-                t.first_pass = t.first_pass or where
+                t.ok(where)
+            elif t.first_fail is None:
+                t.bad(where, ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}" for k, v in f.items()
+                                       if k not in ("kind", "subtype")))
             else:
                 t.failed += 1
-                if t.first_fail is None:
-                    t.first_fail = where
-                    t.seen = ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}" for k, v in f.items()
-                                       if k not in ("kind", "subtype"))
 
     def judge(self, conns: list[Connection]) -> list[Judgment]:
         out = []
@@ -124,170 +114,62 @@ class OptionRuleObserver:
                     t = self.tallies.get((id(conn), rule))
                     if t is None:
                         continue
-                    if t.failed:
-                        out.append(Judgment(rule.rid, FAIL, f"wants {rule.wants}; {t.failed} of "
-                                            f"{t.passed + t.failed} {rule.option} options do not, the first: "
-                                            f"{t.seen}", [t.first_fail], i))
-                    else:
-                        out.append(Judgment(rule.rid, PASS, f"{rule.wants}: all {t.passed} {rule.option} "
-                                            "options", [t.first_pass], i))
+                    j = t.judgment(rule.rid, rule.wants, f"{rule.option} options")
+                    j.connection = i
+                    out.append(j)
         return out
 
 
-# -- connection rules ------------------------------------------------------------------------
-
-def _third_ack(conn: Connection) -> Iterable[Judgment]:
-    first = conn.subflows[0]
-    if conn.flags[1] is None or conn.fallback is not None:
-        return
-    if first.ack is not None:
-        yield Judgment("R3.1-11", PASS, "the initiator's third ACK (or first data) carries MP_CAPABLE "
-                       "with both keys", [first.ack])
-    elif first.synack is not None and first.segments > 2:
-        yield Judgment("R3.1-11", FAIL, "the SYN/ACK offered MP_CAPABLE but no segment of the initiator "
-                       "echoes both keys in MP_CAPABLE", [first.synack])
-
-
-def _join_hmacs(conn: Connection) -> Iterable[Judgment]:
-    for sub in conn.subflows[1:]:
-        ok = sub.hmac_ok[0]
-        if ok is None or sub.synack is None:
-            continue
-        if ok:
-            yield Judgment("R3.2-03", PASS, "the join SYN/ACK carries the leftmost 64 bits of "
-                           "HMAC(Key-B‖Key-A, R-B‖R-A)", [sub.synack])
-        else:
-            yield Judgment("R3.2-03", FAIL, f"the join SYN/ACK's truncated HMAC {sub.synack_hmac:#x} does not "
-                           "verify with the connection's keys and the nonces", [sub.synack])
-
-
-def _add_addr(conn: Connection) -> Iterable[Judgment]:
-    adds = [e for e in conn.events if e.kind == "ADD_ADDR"]
-    for e in adds:
-        if e.hmac_ok is not None:
-            yield Judgment("R3.4.1-L02", PASS if e.hmac_ok else FAIL,
-                           f"ADD_ADDR id {e.address_id} {e.address}: truncated HMAC "
-                           + ("verifies" if e.hmac_ok else "does not verify") + " with the sender's and "
-                           "receiver's keys (zero port when none)", [e.where])
-        echo = next((x for x in conn.events if x.kind == "echo" and x.from_initiator != e.from_initiator
-                     and (x.address_id, x.address, x.port) == (e.address_id, e.address, e.port)), None)
-        if echo is not None:
-            yield Judgment("R3.4.1-L01", PASS, f"ADD_ADDR id {e.address_id} {e.address} is echoed with E=1",
-                           [e.where, echo.where])
-        elif conn.subflows[0].segments > 10:
-            yield Judgment("R3.4.1-L01", FAIL, f"ADD_ADDR id {e.address_id} {e.address} is never echoed by "
-                           "the peer", [e.where])
-
-
-def _idsn(conn: Connection) -> Iterable[Judgment]:
-    """The data of each side starts at IDSN+1 (§3.1, §3.3.1): its lowest mapped DSN is IDSN+1, or
-    just after the data its MP_CAPABLE carried (mapped there implicitly)."""
-    for side, who in ((0, "initiator"), (1, "listener")):
-        low, idsn = conn.lowest_dsn[side], conn.idsn(side)
-        if low is None or idsn is None:
-            continue
-        where, dsn = low
-        start = (idsn + 1) % 2**64
-        allowed = {start} | ({(start + conn.mpc_data[side]) % 2**64} if conn.mpc_data[side] else set())
-        after_mpc = f" (or {max(allowed):#x}, after its MP_CAPABLE's data)" if len(allowed) > 1 else ""
-        yield Judgment("R3.1-34", PASS if dsn in allowed else FAIL,
-                       f"the {who}'s lowest mapped DSN is {dsn:#x}; IDSN+1 from the low 64 bits of SHA-256 of "
-                       f"its key is {start:#x}{after_mpc}", [where])
-
-
-def _join_ports(conn: Connection) -> Iterable[Judgment]:
-    first = conn.subflows[0].tuple4
-    announced = {(e.address, e.port) for e in conn.events if e.kind == "ADD_ADDR" and e.port}
-    for sub in conn.subflows[1:]:
-        if (sub.tuple4[2], sub.tuple4[3]) in announced:
-            continue  # joined to a port an ADD_ADDR announced: that is where it should go
-        to_listener = sub.responder_side == 1
-        want = first[3] if to_listener else first[1]
-        yield Judgment("R3.9.1-02", PASS if sub.tuple4[3] == want else FAIL,
-                       f"the join SYN goes to port {sub.tuple4[3]}; the first subflow's port on that host is "
-                       f"{want}", [sub.syn])
-
-
-def _address_ids(conn: Connection) -> Iterable[Judgment]:
-    for side in (0, 1):
-        pairs = {(sub.address_ids[0], sub.tuple4[0]) for sub in conn.subflows[1:]
-                 if (1 - sub.responder_side) == side and sub.address_ids[0] is not None}
-        if not pairs:
-            continue
-        ids = {i for i, _ in pairs}
-        addrs = {a for _, a in pairs}
-        ok = len(ids) == len(pairs) == len(addrs)
-        where = [s.syn for s in conn.subflows[1:] if (1 - s.responder_side) == side]
-        yield Judgment("R3.2-L01", PASS if ok else FAIL,
-                       "MP_JOIN address IDs map one to one onto source addresses: "
-                       + ", ".join(f"id {i} = {a}" for i, a in sorted(pairs, key=str)), where)
-
-
-def _fastclose_key(conn: Connection) -> Iterable[Judgment]:
-    for where, sender, key in conn.fastclose:
-        peer = conn.keys[1 - sender]
-        if peer is None:
-            continue
-        yield Judgment("R3.5-L04", PASS if key == peer else FAIL,
-                       f"MP_FASTCLOSE carries key {key:#x}; the peer's key from the handshake is {peer:#x}",
-                       [where])
-
-
-def _address_rebinding(conn: Connection) -> Iterable[Judgment]:
-    """An announced address ID keeps its address until the sender withdraws it (§3.4.1)."""
-    bound: dict[tuple[bool, int | None], tuple[str | None, Where]] = {}
-    withdrawn: dict[tuple[bool, int | None], tuple[str | None, Where]] = {}
-    for e in conn.events:
-        key = (e.from_initiator, e.address_id)
-        if e.kind == "REMOVE_ADDR":
-            if key in bound:
-                withdrawn[key] = bound.pop(key)
-        elif e.kind == "ADD_ADDR":
-            before = bound.get(key)
-            if before is None:
-                old = withdrawn.pop(key, None)
-                if old is not None and old[0] != e.address:
-                    yield Judgment("R3.4.1-16", PASS, f"address ID {e.address_id} is rebound from {old[0]} to "
-                                   f"{e.address} only after a REMOVE_ADDR", [old[1], e.where])
-                bound[key] = (e.address, e.where)
-                continue
-            same = before[0] == e.address
-            yield Judgment("R3.4.1-14", PASS if same else FAIL,
-                           f"ADD_ADDR id {e.address_id} is announced again with {e.address}; it was {before[0]}",
-                           [before[1], e.where])
-            if not same:
-                yield Judgment("R3.4.1-16", FAIL, f"address ID {e.address_id} is rebound from {before[0]} to "
-                               f"{e.address} without a REMOVE_ADDR first", [before[1], e.where])
-                bound[key] = (e.address, e.where)
-
-
-# Each connection rule with the requirement IDs it judges (so the list of judged IDs is derived).
-CONNECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Connection], Iterable[Judgment]]], ...] = (
-    (("R3.1-11",), _third_ack), (("R3.2-03",), _join_hmacs), (("R3.4.1-L01", "R3.4.1-L02"), _add_addr),
-    (("R3.1-34",), _idsn), (("R3.9.1-02",), _join_ports), (("R3.2-L01",), _address_ids),
-    (("R3.5-L04",), _fastclose_key), (("R3.4.1-14", "R3.4.1-16"), _address_rebinding),
-)
-
-
-def check(pcaps: Iterable[Path | str]) -> tuple[list[Connection], list[Judgment]]:
-    """Rebuild the connections of these captures and judge every passive rule on them."""
-    observer = OptionRuleObserver()
-    builder = ModelBuilder([observer])
-    for pcap in pcaps:
+def _merged(pcaps: list[str]) -> Iterator[tuple[str, Packet]]:
+    """Every capture's packets in time order (ties: the order the captures were given), streamed:
+    the rules that compare subflows need what one link saw interleaved with what another saw."""
+    def tagged(index: int, pcap: str) -> Iterator[tuple[float, int, str, Packet]]:
         for p in iter_pcap(pcap):
-            builder.feed(str(pcap), p)
+            yield p.time, index, pcap, p
+
+    if len(pcaps) == 1:
+        for p in iter_pcap(pcaps[0]):
+            yield pcaps[0], p
+        return
+    for _, _, pcap, p in heapq.merge(*(tagged(i, c) for i, c in enumerate(pcaps)), key=lambda t: t[:2]):
+        yield pcap, p
+
+
+def check(pcaps: Iterable[Path | str], *, complete: bool = False) -> tuple[list[Connection], list[Judgment]]:
+    """Rebuild the connections of these captures and judge every passive rule on them.
+
+    `complete`: the captures show every subflow of every connection (all links of a topology, or
+    all interfaces of an endpoint), so data the peer never mapped in them was never sent."""
+    observer = OptionRuleObserver()
+    streams = stream_rules(complete)
+    builder = ModelBuilder([observer], streams)
+    for pcap, p in _merged([str(c) for c in pcaps]):
+        builder.feed(pcap, p)
     conns = builder.connections
     judgments = observer.judge(conns)
+
+    def declared(rids: tuple[str, ...], name: str, j: Judgment) -> Judgment:
+        if j.rid not in rids:  # a rule reporting under an ID it does not declare is our bug
+            raise HarnessError(f"{name} judged {j.rid}, not one of its IDs {rids}")
+        return j
+
     for i, conn in enumerate(conns):
         for rids, rule in CONNECTION_RULES:
             for j in rule(conn):
-                if j.rid not in rids:  # a rule reporting under an ID it does not declare is our bug
-                    raise HarnessError(f"{rule.__name__} judged {j.rid}, not one of its IDs {rids}")
-                j.connection = i
+                declared(rids, rule.__name__, j).connection = i
                 judgments.append(j)
+        for stream in streams:
+            for j in stream.judge(conn):
+                declared(stream.ids, type(stream).__name__, j).connection = i
+                judgments.append(j)
+    for rids, capture_rule in CAPTURE_RULES:
+        for i, j in capture_rule(conns, builder.orphans):
+            declared(rids, capture_rule.__name__, j).connection = i
+            judgments.append(j)
     return conns, judgments
 
 
 def rule_ids() -> set[str]:
     """Every requirement ID some passive rule judges."""
-    return {r.rid for r in OPTION_RULES} | {rid for rids, _ in CONNECTION_RULES for rid in rids}
+    return ({r.rid for r in OPTION_RULES} | {rid for rids, _ in CONNECTION_RULES for rid in rids}
+            | {rid for rids, _ in CAPTURE_RULES for rid in rids} | stream_rule_ids())
