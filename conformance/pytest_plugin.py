@@ -172,7 +172,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         if call.when == "call" and the_lab is not None:
             report.user_properties.append(("evidence", the_lab.expect.evidence()))
             report.user_properties.append(("checks", [
-                {"requirement": c.requirement, "ok": c.ok, "text": str(c)} for c in the_lab.expect.checks]))
+                {"requirement": c.requirement, "ok": c.ok, "text": str(c), **({"deviation": c.deviation}
+                                                                              if c.deviation else {})}
+                for c in the_lab.expect.checks]))
             report.user_properties.append(("implementations", dict(the_lab.implementations)))
     return report
 

@@ -125,12 +125,12 @@ def _expected_coverage_rows() -> dict[str, str]:
               "SHOULD": {"SHOULD", "SHOULD NOT", "RECOMMENDED", "NOT RECOMMENDED"},
               "MAY": {"MAY", "OPTIONAL"}, "implicit": {"implicit"}}
     rows = {}
-    totals = [0] * 6
+    totals = [0] * 7
     for name, levels in groups.items():
         testable = [r for r in CAT if r.level in levels and r.testability != "not-testable"]
         got = [EXPECTED.get(r.id, "not-covered") for r in testable]
-        nums = [len(testable), sum(v != "not-covered" for v in got), got.count("pass"), got.count("fail"),
-                got.count("skip"), got.count("not-covered")]
+        nums = [len(testable), sum(v != "not-covered" for v in got), got.count("pass"), got.count("deviation"),
+                got.count("fail"), got.count("skip"), got.count("not-covered")]
         totals = [t + n for t, n in zip(totals, nums, strict=True)]
         rows[name] = f"| {name} | " + " | ".join(map(str, nums)) + " |"
     rows["total"] = "| total | " + " | ".join(map(str, totals)) + " |"
@@ -308,3 +308,38 @@ def test_malformed_results_file_is_one_clear_error(tmp_path) -> None:
     bad.write_text('{"schema_version": 1, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}')
     with pytest.raises(InputError, match=r"cases\[0\]: missing field\(s\) name"):
         RunResults.read_json(bad)
+
+
+def test_a_known_deviation_is_reported_as_such_not_as_pass_or_fail() -> None:
+    """A passed case whose only failed check is a known deviation of the implementation."""
+    checks = [{"requirement": SHOULD_B, "ok": False, "deviation": "linux: ephemeral source port",
+               "text": f"[{SHOULD_B}] passive: join port: expected 40000; seen 51234"},
+              {"requirement": MUST_C, "ok": True, "text": f"[{MUST_C}] token matches"}]
+    case = CaseResult(id="cases/test_x.py::test_x", name="test_x", description="",
+                      requirements=[SHOULD_B, MUST_C], outcome="pass", checks=checks)
+    results = RunResults(suite_version="0", started="t", cases=[case])
+    verdicts = writers.requirement_verdicts(results, CAT)
+    assert verdicts[SHOULD_B].verdict == "deviation"
+    assert verdicts[MUST_C].verdict == "pass"
+    assert any("known deviation" in e for e in verdicts[SHOULD_B].evidence)
+    md = writers.render_markdown(results, CAT)
+    assert "Known deviation" in md
+    # A real failure of the same requirement in another case still makes it a failure.
+    other = CaseResult(id="cases/test_y.py::test_y", name="test_y", description="", requirements=[SHOULD_B],
+                       outcome="fail", checks=[{"requirement": SHOULD_B, "ok": False, "text": "bad"}])
+    results.cases.append(other)
+    assert writers.requirement_verdicts(results, CAT)[SHOULD_B].verdict == "fail"
+
+
+def test_expect_keeps_known_deviations_out_of_the_failures() -> None:
+    from conformance.verdict import Expect
+
+    e = Expect()
+    e.that(False, "join source port", expected="40000", seen="51234", rid=SHOULD_B, deviation="linux: ephemeral")
+    e.that(True, "token", expected="match", seen="match", rid=MUST_C)
+    assert e.failures == []
+    e.verdict((SHOULD_B, MUST_C))  # does not raise
+    assert "known deviation: linux: ephemeral" in e.evidence()[0]
+    e.that(False, "flags", expected="1", seen="3", rid=MUST_C)
+    with pytest.raises(AssertionError):
+        e.verdict()

@@ -20,7 +20,7 @@ from conformance.report.model import OUTCOMES, CaseResult, RunResults
 from conformance.requirements.catalogue import Catalogue, Requirement
 
 SUITE_NAME = "mptcp-conformance"
-VERDICTS = ("pass", "fail", "skip", "not-covered")
+VERDICTS = ("pass", "deviation", "fail", "skip", "not-covered")
 LEVEL_GROUPS = ("MUST", "SHOULD", "MAY", "implicit")
 _LEVEL_GROUP = {
     "MUST": "MUST", "MUST NOT": "MUST", "REQUIRED": "MUST", "SHALL": "MUST", "SHALL NOT": "MUST",
@@ -43,7 +43,7 @@ _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uf
 @dataclass(frozen=True)
 class RequirementVerdict:
     id: str
-    verdict: str  # pass | fail | skip | not-covered
+    verdict: str  # pass | deviation | fail | skip | not-covered
     cases: list[str] = field(default_factory=list)  # ids of the cases naming the requirement
     evidence: list[str] = field(default_factory=list)  # failure/skip reasons first, then wire evidence
     artefacts: list[str] = field(default_factory=list)  # artefact folders of those cases
@@ -73,9 +73,12 @@ def case_outcome_for(case: CaseResult, rid: str) -> str:
 
     A failed case counts against `rid` unless every failed check names another requirement: then
     `rid` held in this case. A failure with no failed check (an exception) counts against all."""
+    deviates = any(not c.get("ok") and c.get("deviation") and c.get("requirement") == rid for c in case.checks)
     if case.outcome != "fail":
-        return case.outcome
-    failed = [c for c in case.checks if not c.get("ok")]
+        return "deviation" if deviates and case.outcome == "pass" else case.outcome
+    failed = [c for c in case.checks if not c.get("ok") and not c.get("deviation")]
+    if deviates and all(c.get("requirement") not in (None, rid) for c in failed):
+        return "deviation"
     if failed and all(c.get("requirement") not in (None, rid) for c in failed):
         return "pass"
     return "fail"
@@ -88,6 +91,8 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     elif outcomes & {"fail", "error"}:
         # An error means the requirement could not be shown to hold; it must not read as a pass.
         verdict = "fail"
+    elif "deviation" in outcomes:
+        verdict = "deviation"  # a known deviation of the implementation: reported, not hidden
     elif "pass" in outcomes:
         verdict = "pass"
     else:
@@ -95,8 +100,8 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     reasons: list[str] = []
     for c in cases:
         outcome = case_outcome_for(c, rid)
-        if outcome in ("fail", "error") or (outcome == "skip" and verdict == "skip"):
-            word = {"skip": "skipped"}.get(outcome, outcome)
+        if outcome in ("fail", "error", "deviation") or (outcome == "skip" and verdict == "skip"):
+            word = {"skip": "skipped", "deviation": "known deviation"}.get(outcome, outcome)
             reasons.append(f"{labels[c.id]}: {word}" + (f": {c.reason}" if c.reason else ""))
     evidence = [e for c in cases for e in _evidence_of(c, rid)]
     return RequirementVerdict(
@@ -196,7 +201,7 @@ def _fence(text: str) -> str:
 
 def coverage(verdicts: dict[str, RequirementVerdict], catalogue: Catalogue) -> dict[str, dict[str, int]]:
     """Per level group (and "total"): testable, covered, pass, fail, skip, not-covered counts."""
-    keys = ("testable", "covered", "pass", "fail", "skip", "not-covered")
+    keys = ("testable", "covered", "pass", "deviation", "fail", "skip", "not-covered")
     out = {g: dict.fromkeys(keys, 0) for g in (*LEVEL_GROUPS, "total")}
     for req in catalogue:
         if not is_testable(req):
@@ -241,13 +246,13 @@ def render_markdown(results: RunResults, catalogue: Catalogue, link_base: Path |
     lines += [
         "Requirement coverage (testable requirements only: testability other than `not-testable`):",
         "",
-        "| Level | Testable | Covered | Passed | Failed | Skipped | Not covered |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Level | Testable | Covered | Passed | Known deviation | Failed | Skipped | Not covered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group in (*LEVEL_GROUPS, "total"):
         r = cov[group]
-        lines.append(f"| {group} | {r['testable']} | {r['covered']} | {r['pass']} | {r['fail']} "
-                     f"| {r['skip']} | {r['not-covered']} |")
+        lines.append(f"| {group} | {r['testable']} | {r['covered']} | {r['pass']} | {r['deviation']} "
+                     f"| {r['fail']} | {r['skip']} | {r['not-covered']} |")
     lines.append("")
 
     failed_required = [rid for rid, v in verdicts.items()
