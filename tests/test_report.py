@@ -343,3 +343,15 @@ def test_expect_keeps_known_deviations_out_of_the_failures() -> None:
     e.that(False, "flags", expected="1", seen="3", rid=MUST_C)
     with pytest.raises(AssertionError):
         e.verdict()
+
+
+def test_known_deviations_file_is_valid_and_bad_files_are_one_error(tmp_path: Path) -> None:
+    from conformance.errors import InputError
+    from conformance.requirements.deviations import known_deviations
+
+    linux = known_deviations()["linux"]
+    assert linux and all(rid in CAT for rid in linux)  # every deviation names a catalogued requirement
+    bad = tmp_path / "deviations.yaml"
+    bad.write_text("schema: 1\ndeviations:\n  linux:\n    - id: R3.1-14\n")
+    with pytest.raises(InputError, match=r"deviations\.linux\[0\]"):
+        known_deviations(bad)
