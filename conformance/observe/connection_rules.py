@@ -16,7 +16,10 @@ def _third_ack(conn: Connection) -> Iterable[Judgment]:
     first = conn.subflows[0]
     if conn.flags[1] is None or conn.fallback is not None:
         return
-    if first.ack is not None:
+    if first.ack is not None and conn.echoed_key != conn.keys[1]:
+        yield Judgment("R3.1-11", FAIL, f"the initiator's third ACK echoes key {conn.echoed_key:#x} as the "
+                       f"listener's; its SYN/ACK sent {conn.keys[1]:#x}", [first.ack])
+    elif first.ack is not None:
         yield Judgment("R3.1-11", PASS, "the initiator's third ACK (or first data) carries MP_CAPABLE "
                        "with both keys", [first.ack])
     elif first.synack is not None and first.segments > 2:

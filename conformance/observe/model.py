@@ -15,6 +15,7 @@ SYN names (§3.2) and its HMACs are checked against the keys of that connection.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,16 +120,17 @@ class Connection:
     # Highest 64-bit DSN each side has mapped (end of its mappings), for expanding 32-bit values.
     dsn_end: list[int | None] = field(default_factory=lambda: [None, None])
     fallback: str | None = None  # why the connection runs as plain TCP, if it does
+    echoed_key: int | None = None  # the listener's key as the initiator's third ACK echoes it
     first_time: float = 0.0
     last_time: float = 0.0
 
     def token(self, side: int) -> int | None:
         key = self.keys[side]
-        return None if key is None else crypto.token(key)
+        return None if key is None else _token(key, self.version)
 
     def idsn(self, side: int) -> int | None:
         key = self.keys[side]
-        return None if key is None else crypto.idsn(key)
+        return None if key is None else _idsn(key, self.version)
 
     @property
     def checksum(self) -> bool | None:
@@ -157,6 +159,19 @@ class Connection:
             if sub.tuple4[2] == address:
                 return 1 - initiator
         return None
+
+
+def _token(key: int, version: int | None) -> int:
+    """RFC 8684 hashes with SHA-256; RFC 6824 (MPTCP v0) with SHA-1, same bit positions."""
+    if version == 0:
+        return int.from_bytes(hashlib.sha1(key.to_bytes(8, "big")).digest()[:4], "big")
+    return crypto.token(key)
+
+
+def _idsn(key: int, version: int | None) -> int:
+    if version == 0:
+        return int.from_bytes(hashlib.sha1(key.to_bytes(8, "big")).digest()[-8:], "big")
+    return crypto.idsn(key)
 
 
 def expand32(near: int, low: int) -> int:
@@ -311,18 +326,19 @@ class ModelBuilder:
             conn.flags[1] = f["flags"]
             if f.get("sender_key") is not None:
                 conn.keys[1] = f["sender_key"]
-                self._by_token[crypto.token(f["sender_key"])] = (conn, 1)
+                self._by_token[_token(f["sender_key"], conn.version)] = (conn, 1)
         elif side == 0 and f.get("receiver_key") is not None:
             if f.get("data_level_length") and conn.mpc_data[0] is None:
                 conn.mpc_data[0] = f["data_level_length"]
                 if conn.dsn_end[0] is None:  # the data is mapped implicitly at IDSN+1 (§3.1)
-                    conn.dsn_end[0] = (crypto.idsn(f["sender_key"]) + 1 + f["data_level_length"]) % 2**64
+                    conn.dsn_end[0] = (_idsn(f["sender_key"], conn.version) + 1 + f["data_level_length"]) % 2**64
             if sub.ack is None:
                 sub.ack = where
                 conn.flags[2] = f["flags"]
+                conn.echoed_key = f["receiver_key"]
             if conn.keys[0] is None and f.get("sender_key") is not None:
                 conn.keys[0] = f["sender_key"]
-                self._by_token[crypto.token(f["sender_key"])] = (conn, 0)
+                self._by_token[_token(f["sender_key"], conn.version)] = (conn, 0)
 
     def _join_synack(self, conn: Connection, sub: Subflow, where: Where, f: dict) -> None:
         sub.synack = sub.synack or where

@@ -193,7 +193,11 @@ class MappingRules(StreamRules):
             if not st.listener_dss:  # else the initiator may know its third ACK arrived
                 t = self.tally(conn, "R3.1-L01")
                 if mpc and mpc.get("receiver_key") is not None and mpc.get("data_level_length"):
-                    t.ok(where)
+                    if mpc["receiver_key"] == conn.keys[1]:
+                        t.ok(where)
+                    else:
+                        t.bad(where, f"its MP_CAPABLE echoes key {mpc['receiver_key']:#x}; the listener's is "
+                                     f"{conn.keys[1]:#x}")
                 else:
                     t.bad(where, f"a {p.payload_len}-byte segment with {names}")
         if not st.acked[cs]:
