@@ -156,6 +156,55 @@ DEFECTS = {
 }
 
 
+# -- where tshark's analysis shows a rule holds: a FAIL of ours at that frame is a disagreement ----
+@dataclasses.dataclass(frozen=True)
+class Holds:
+    tshark: str  # the TABLE entry whose positive side it exercises
+    rid: str
+    capture: Callable[[], list]
+
+
+HOLDS = {
+    "crypto flag H alone (R3.1-19)": Holds(ta.MISSING_ALGORITHM, "R3.1-19", flow),
+    "crypto flag H alone (R3.1-18)": Holds(ta.UNSUPPORTED_ALGORITHM, "R3.1-18", flow),
+    "mapping covers its segment": Holds(ta.RELATED, "R3.3.1-16", flow),
+    "infinite mapping": Holds(ta.INFINITE_MAPPING, "R3.3.1-16", lambda: flow(second="infinite")),
+    "data at IDSN + 1": Holds(f"{ta.DSS_DSN} from {ta.EXPECTED_IDSN}", "R3.1-34", flow),
+}
+JOINS_ENTRY = next(e.tshark for e in ta.TABLE if e.analyzer.__name__ == "_Joins")
+
+
+@pytest.mark.parametrize("name", sorted(HOLDS))
+def test_a_failure_where_tshark_shows_the_rule_holds_is_a_disagreement(tmp_path, name):
+    """tshark looks for positive evidence only where a rule of ours FAILs: flip our verdict to FAIL
+    at the frame it cites (for the infinite mapping: that segment) and tshark must contradict it."""
+    case = HOLDS[name]
+    pcaps = _write(tmp_path, case.capture())
+    conns, judgments = check(pcaps)
+    assert [d for d in ta.compare_judgments(pcaps, judgments) if d.rid == case.rid] == []
+    at = conns[0].infinite_mapping[:1] if case.tshark == ta.INFINITE_MAPPING else None
+    result = ta.analyse(pcaps, _set(judgments, case.rid, FAIL, at))
+    assert any(f.rid == case.rid and f.kind == ta.HOLDS for f in result.findings), result.findings
+    found = [d for d in result.disagreements if d.rid == case.rid]
+    assert len(found) == 1 and found[0].outcome == FAIL and found[0].ours == "made fail by the test"
+
+
+def test_a_join_tshark_matches_must_be_judged_by_us(tmp_path):
+    pcaps, judgments = _judged(tmp_path, flow())
+    assert [d for d in ta.compare_judgments(pcaps, judgments) if d.rid == "R3.2-03"] == []
+    found = [d for d in ta.compare_judgments(pcaps, _set(judgments, "R3.2-03", None)) if d.rid == "R3.2-03"]
+    assert len(found) == 1 and found[0].outcome is None and found[0].frames
+
+
+def test_tshark_false_positives_are_not_taken_for_evidence(tmp_path):
+    """Flag C alone raises tshark's "Unsupported algorithm" (its mask is RFC 6824's C..H); a pure
+    ACK after data raises "No mapping available". Neither may turn into a disagreement."""
+    pcaps, judgments = _judged(tmp_path, flow(syn_flags=0x21))  # C and H
+    assert ta.compare_judgments(pcaps, judgments) == []
+    pcaps, judgments = _judged(tmp_path, flow(second="infinite"))
+    assert ta.compare_judgments(pcaps, judgments) == []
+
+
 def test_every_expert_and_field_is_one_this_tshark_has():
     rows = [cols for line in run(["tshark", "-G", "fields"], timeout=60).stdout.splitlines()
             if len(cols := line.split("\t")) > 4 and cols[0] == "F"]
@@ -169,10 +218,9 @@ def test_every_expert_and_field_is_one_this_tshark_has():
 
 
 def test_every_table_entry_has_a_test():
-    # The "holds" entries' own tests (judgments flipped to FAIL where tshark shows the rule holds)
-    # are still to be rewritten; until then only the defect side is required here.
-    tested = {d.tshark for d in DEFECTS.values()}
-    assert tested <= {e.tshark for e in ta.TABLE}
+    tested = ({d.tshark for d in DEFECTS.values()} | {h.tshark for h in HOLDS.values()}
+              | {JOINS_ENTRY})
+    assert {e.tshark for e in ta.TABLE} == tested
     catalogue = load_catalogue()
     assert all(rid in catalogue for rid in ta.table_rids()), ta.table_rids()
     assert len(ta.table_lines()) == len(ta.TABLE)
