@@ -58,7 +58,7 @@ def _report(args: argparse.Namespace) -> int:
 def _check_pcap(args: argparse.Namespace) -> int:
     import json
 
-    from conformance.errors import InputError
+    from conformance.errors import CommandError, InputError
     from conformance.observe.rules import FAIL, check
     from conformance.requirements import load_catalogue
 
@@ -75,8 +75,18 @@ def _check_pcap(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"mptcp-conformance check-pcap: {exc}", file=sys.stderr)
         return EXIT_ENV
+    theirs = []
+    if args.tshark:
+        from conformance.observe.tshark_analysis import compare_judgments
+
+        try:
+            theirs = compare_judgments(args.pcap, judgments)
+        except (InputError, CommandError) as exc:
+            print(f"mptcp-conformance check-pcap: --tshark: {exc}", file=sys.stderr)
+            return EXIT_ENV
     if only:
         judgments = [j for j in judgments if j.rid in only]
+        theirs = [d for d in theirs if d.rid in only]
     failed = [j for j in judgments if j.outcome == FAIL]
     required_failed = [j for j in failed if catalogue[j.rid].required or args.strict]
     if args.json:
@@ -89,6 +99,10 @@ def _check_pcap(args: argparse.Namespace) -> int:
             "judgments": [{"requirement": j.rid, "level": catalogue[j.rid].level, "outcome": j.outcome,
                            "connection": j.connection, "sentence": j.sentence,
                            "frames": [str(w) for w in j.where]} for j in judgments],
+            **({"tshark_disagreements": [{"requirement": d.rid, "connection": d.connection, "tshark": d.tshark,
+                                          "ours": d.ours, "outcome": d.outcome,
+                                          "frames": [str(w) for w in d.frames]} for d in theirs]}
+               if args.tshark else {}),
         }, indent=2))
     else:
         for i, c in enumerate(conns):
@@ -97,8 +111,11 @@ def _check_pcap(args: argparse.Namespace) -> int:
             for j in judgments:
                 if j.connection == i:
                     print(f"  {catalogue[j.rid].level:<9} {j}")
-        print(f"{len(conns)} connection(s), {len(judgments)} judgment(s), {len(failed)} failed")
-    return EXIT_FAIL if required_failed else EXIT_OK
+        for d in theirs:
+            print(f"tshark disagrees: {d}")
+        print(f"{len(conns)} connection(s), {len(judgments)} judgment(s), {len(failed)} failed"
+              + (f", {len(theirs)} tshark disagreement(s)" if args.tshark else ""))
+    return EXIT_FAIL if required_failed or theirs else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--json", action="store_true", help="machine-readable output")
     chk.add_argument("--only", metavar="IDS", help="comma-separated requirement IDs to report")
     chk.add_argument("--strict", action="store_true", help="a failed SHOULD fails the exit code too")
+    chk.add_argument("--tshark", action="store_true",
+                     help="also compare the verdicts with tshark's MPTCP analysis; a disagreement exits 1")
     chk.add_argument("--complete", action="store_true",
                      help="the captures show every subflow (all paths): judge Data ACKs against all data seen")
     rep = sub.add_parser("report", help="render report.md and junit.xml again from a results.json")

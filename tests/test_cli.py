@@ -89,3 +89,32 @@ def test_check_pcap_only_and_bad_input(tmp_path, capsys):
     assert main(["check-pcap", str(junk)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any("junk.pcap" in line and "byte offset" in line for line in err)
+
+
+def test_check_pcap_tshark_reports_disagreements_and_exits_by_them(tmp_path, capsys):
+    import shutil
+
+    if not shutil.which("tshark"):
+        pytest.skip("tshark is not installed (mptcp-conformance doctor: tool:tshark)")
+    good = _capture(tmp_path, False)
+    assert main(["check-pcap", "--tshark", str(good)]) == 0
+    assert "0 tshark disagreement(s)" in capsys.readouterr().out
+    assert main(["check-pcap", "--tshark", "--json", str(good)]) == 0
+    assert json.loads(capsys.readouterr().out)["tshark_disagreements"] == []
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xd4\xc3\xb2\xa1\x02\x00\x04\x00" + bytes(8) + b"\x00\x00\x04\x00\x01\x00\x00\x00" + b"\x01\x02",
+     "truncated record header"),
+    (b"\x0a\x0d\x0d\x0a\x1c\x00\x00\x00\x4d\x3c\x2b\x1a", "truncated block"),
+    (b"GIF89a not a capture", "neither pcap nor pcapng"),
+    (b"\xd4\xc3\xb2\xa1\x02\x00\x04\x00" + bytes(8) + b"\x00\x00\x04\x00\x93\x00\x00\x00", "link type 147"),
+])
+def test_check_pcap_bad_files_are_one_line_naming_file_and_offset(tmp_path, capsys, content, words):
+    path = tmp_path / "x.pcap"
+    path.write_bytes(content)
+    assert main(["check-pcap", str(path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "x.pcap" in err[0] and "offset" in err[0] and words in err[0], err
+    assert "Traceback" not in captured.err and captured.out == ""
