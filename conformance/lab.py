@@ -20,9 +20,12 @@ from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
 from conformance.net.topo import MptcpTopo
+from conformance.observe.counter_oracle import compare_counters, node_captures
+from conformance.observe.counter_oracle import disagreements as counter_disagreements
 from conformance.observe.oracles import TOKEN, compare, tshark_frames
 from conformance.observe.rules import NOT_EXERCISED, PASS, check
 from conformance.observe.segments import Segment, decode
+from conformance.observe.tshark_analysis import compare_judgments
 from conformance.proc import Background, run
 from conformance.requirements.deviations import known_deviations
 from conformance.verdict import Expect
@@ -82,6 +85,7 @@ class Lab:
         self.transfers: list[TransferRun] = []
         self.expect = Expect()
         self.passive_ids: set[str] = set()  # requirements the passive rules judged in this lab
+        self._counter_names: set[str] | None = None  # what the kernel counts (for the counter oracle)
         # Which implementation plays each role (the report's matrix axis); only the local kernel yet.
         self.implementations = {"client": "linux", "server": "linux"}
 
@@ -153,6 +157,7 @@ class Lab:
             local.run()
         after = {n.name: read_counters(n.pid) for n in self.net.nodes()}
         counters = {n: delta(before[n], after[n]) for n in before}
+        self._counter_names = {name for values in after.values() for name in values}
         (folder / "counters.json").write_text(json.dumps(counters, indent=2, sort_keys=True))
         reports = {}
         for role, node in (("client", client), ("server", server)):
@@ -175,7 +180,8 @@ class Lab:
         # Endpoint captures first: each subflow is read from the first capture that shows its SYN.
         order = sorted(run.pcaps, key=lambda i: (i not in endpoint_intfs, i))
         # Every link of the topology is captured, so every subflow is in these captures.
-        _, judgments = check([run.pcaps[i] for i in order], complete=True)
+        pcaps = [run.pcaps[i] for i in order]
+        conns, judgments = check(pcaps, complete=True)
         known = known_deviations()
         for j in judgments:
             if j.outcome == NOT_EXERCISED:
@@ -185,6 +191,24 @@ class Lab:
                             if j.rid in known.get(impl, {}))
             self.expect.that(j.outcome == PASS, f"passive: {j.sentence}", expected="what RFC 8684 requires",
                              seen=", ".join(str(w) for w in j.where[:3]) or "-", rid=j.rid, deviation=why or None)
+        self._oracles(run, pcaps, conns, judgments)
+
+    def _oracles(self, run: TransferRun, pcaps: list[Path], conns: list, judgments: list) -> None:
+        """The passive verdicts against two independent views: tshark's MPTCP analysis of the same
+        captures and the kernel's own MIB counters on each endpoint. A disagreement fails the case
+        as an oracle disagreement; nobody's verdict is taken on trust."""
+        theirs = compare_judgments(pcaps, judgments)
+        self.expect.that(not theirs, "oracle: tshark's MPTCP analysis agrees with the passive rules",
+                         expected="no disagreement", seen="; ".join(str(d) for d in theirs[:5])
+                         or f"{len(judgments)} judgments, none contradicted")
+        captures = node_captures(run.pcaps, self.topo.interfaces())
+        addresses = {n: self.topo.addresses(n) for n in captures}
+        agreements = compare_counters(conns, run.counters, addresses, captures,
+                                      available=self._counter_names)
+        wrong = counter_disagreements(agreements)
+        self.expect.that(not wrong, "oracle: the kernel's MPTcpExt counters agree with the captures",
+                         expected="every compared counter within what the captures imply",
+                         seen="; ".join(str(a) for a in wrong[:5]) or f"{len(agreements)} counters agree")
 
     def _cross_check(self, run: TransferRun, intfs: set[str]) -> None:
         """Our codec against tshark on the endpoints' captures: a disagreement fails the case as an

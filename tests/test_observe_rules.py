@@ -371,3 +371,13 @@ def test_rule_fails_on_its_defect(tmp_path, rid):
     failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
     assert failed, (rid, [str(j) for j in judgments])
     assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence
+
+
+def test_a_data_fin_takes_no_subflow_sequence_space(tmp_path):
+    """A mapping with DATA_FIN covers its payload only at subflow level: data re-sent on the same
+    subflow right after it (a reinjection, with another DSN) does not overlap it."""
+    pkts = data_connection(close=False)[:6]
+    fin = _c("PA", [_dss("AaMmF", ack=IDSN_S + 5, dsn=IDSN_C + 9, ssn=9, dll=5)], b"ijkl", sent=8, acked=4)
+    again = _c("PA", [_dss("AaMm", ack=IDSN_S + 5, dsn=IDSN_C + 1, ssn=13, dll=4)], b"abcd", sent=12, acked=4)
+    judgments = _judge(tmp_path, [*pkts, fin, again])
+    assert _outcomes(judgments, "R3.3.1-01") == {PASS}, [str(j) for j in judgments if j.rid == "R3.3.1-01"]

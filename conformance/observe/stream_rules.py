@@ -229,7 +229,8 @@ class MappingRules(StreamRules):
             span[1] = p.time
         ssn = maps.unwrap(dss["ssn"])
         dsn = conn.expand_dsn(cs, dss["dsn"], 64 if wide else 32)
-        end = ssn + length
+        # A DATA_FIN takes a data sequence number but no subflow sequence space (§3.3.3).
+        end = ssn + length - (1 if flags & DSS_F else 0)
         if p.payload_len and isn is not None:
             rel = expand32(ssn, (p.seq - isn) % 2**32)
             t = self.tally(conn, "R3.3.1-16")
