@@ -27,14 +27,27 @@ from conformance.wire.bulk import Packet, iter_pcap
 SYN, ACK, RST, FIN, URG = 0x02, 0x10, 0x04, 0x01, 0x20
 
 
-@dataclass(frozen=True)
 class Where:
     """A frame of a capture: the evidence a verdict points to. `time` orders frames of different
-    captures (a connection's subflows are often read from different links)."""
+    captures (a connection's subflows are often read from different links); equality is by
+    capture and frame. A slotted class: one is made per segment read, a dataclass costs more."""
 
-    pcap: str
-    frame: int
-    time: float = field(default=0.0, compare=False)
+    __slots__ = ("frame", "pcap", "time")
+
+    def __init__(self, pcap: str, frame: int, time: float = 0.0) -> None:
+        self.pcap, self.frame, self.time = pcap, frame, time
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Where) and (self.pcap, self.frame) == (other.pcap, other.frame)
+
+    def __hash__(self) -> int:
+        return hash((self.pcap, self.frame))
+
+    def __lt__(self, other: Where) -> bool:
+        return (self.pcap, self.frame) < (other.pcap, other.frame)
+
+    def __repr__(self) -> str:
+        return f"Where(pcap={self.pcap!r}, frame={self.frame}, time={self.time})"
 
     def __str__(self) -> str:
         return f"{Path(self.pcap).name} frame {self.frame}"
@@ -78,6 +91,8 @@ class Subflow:
     first_time: float = 0.0
     last_time: float = 0.0
     first_mapping: tuple[Where, int, int] | None = None  # where, 64-bit DSN, data-level length
+    # Per-rule state of the streaming rules, keyed by the rule object (cheaper than a global table).
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def established(self) -> bool:
@@ -123,6 +138,7 @@ class Connection:
     echoed_key: int | None = None  # the listener's key as the initiator's third ACK echoes it
     first_time: float = 0.0
     last_time: float = 0.0
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # see Subflow.scratch
 
     def token(self, side: int) -> int | None:
         key = self.keys[side]
@@ -130,13 +146,20 @@ class Connection:
 
     def idsn(self, side: int) -> int | None:
         key = self.keys[side]
-        return None if key is None else _idsn(key, self.version)
+        if key is None:
+            return None
+        memo = self.scratch.get(("idsn", side))
+        if memo is None or memo[0] != key:  # rules ask for it on many segments: hash once per key
+            memo = self.scratch[("idsn", side)] = (key, _idsn(key, self.version))
+        return memo[1]
 
     @property
     def checksum(self) -> bool | None:
         """§3.1: DSS checksums are used if either side set flag A in the handshake."""
-        known = [f for f in self.flags[:2] if f is not None]
-        return None if not known else any(f & 0x80 for f in known)
+        a, b = self.flags[0], self.flags[1]
+        if a is None and b is None:
+            return None
+        return bool((a or 0) & 0x80 or (b or 0) & 0x80)
 
     def expand_dsn(self, side: int, value: int, bits: int) -> int:
         """A DSN of `side` (or a Data ACK of its data) as 64 bits: 32-bit values are placed next to

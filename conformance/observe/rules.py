@@ -26,7 +26,7 @@ from conformance.wire.bulk import Packet, iter_pcap
 __all__ = ["FAIL", "NOT_EXERCISED", "PASS", "Judgment", "check", "rule_ids"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: rules are table entries, looked up per option
 class OptionRule:
     rid: str
     option: str  # our class name (MPCapable, DSS, ...)
@@ -88,18 +88,30 @@ class OptionRuleObserver:
         for r in rules:
             self.by_option.setdefault(r.option, []).append(r)
         self.tallies: dict[tuple[int, OptionRule], Tally] = {}
+        # What the rules say of one option: it depends on the option's fields (decoded options are
+        # shared between packets with the same bytes, hence id(f), kept alive by the value), the
+        # segment's SYN/ACK/RST flags, whether it has payload, and the connection's checksum use.
+        self._verdicts: dict[tuple, tuple[dict, list[tuple[OptionRule, bool]]]] = {}
 
     def __call__(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet, name: str, f: dict) -> None:
         if conn is None:
             return
-        for rule in self.by_option.get(name, ()):
-            if not rule.applies(f, p, conn):
-                continue
-            t = self.tallies.get((id(conn), rule))
+        key = (id(f), p.flags & 0x17, not p.payload_len, conn.checksum)
+        memo = self._verdicts.get(key)
+        if memo is None or memo[0] is not f:
+            if len(self._verdicts) > 4096:
+                self._verdicts.clear()
+            rules = [rule for rule in self.by_option.get(name, ()) if rule.applies(f, p, conn)]
+            memo = self._verdicts[key] = (f, [(rule, bool(rule.holds(f, p, conn))) for rule in rules])
+        tallies = self.tallies
+        for rule, holds in memo[1]:
+            t = tallies.get((id(conn), rule))
             if t is None:
-                t = self.tallies[(id(conn), rule)] = Tally()
-            if rule.holds(f, p, conn):
-                t.ok(where)
+                t = tallies[(id(conn), rule)] = Tally()
+            if holds:
+                t.passed += 1
+                if t.first_pass is None:
+                    t.first_pass = where
             elif t.first_fail is None:
                 t.bad(where, ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}" for k, v in f.items()
                                        if k not in ("kind", "subtype")))

@@ -33,6 +33,10 @@ def _dss(p: Packet) -> dict | None:
     return None
 
 
+def _names(p: Packet) -> str:
+    return ", ".join(n for n, _ in p.options) or "no MPTCP option"
+
+
 def _ahead(a: int, b: int) -> bool:
     """a > b in 64-bit data sequence space."""
     return 0 < (a - b) % 2**64 < 2**63
@@ -43,23 +47,22 @@ class StreamRules:
 
     WANTS: ClassVar[dict[str, tuple[str, str]]] = {}  # rid -> (what it wants, what is counted)
 
-    def __init__(self) -> None:
-        self.tallies: dict[tuple[int, str], Tally] = {}
-
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(self.WANTS)
 
     def tally(self, conn: Connection, rid: str) -> Tally:
-        key = (id(conn), rid)
-        t = self.tallies.get(key)
+        mine = conn.scratch.get(self)
+        if mine is None:
+            mine = conn.scratch[self] = {}
+        t = mine.get(rid)
         if t is None:
-            t = self.tallies[key] = Tally()
+            t = mine[rid] = Tally()
         return t
 
     def judge(self, conn: Connection) -> Iterable[Judgment]:
         for rid, (wants, unit) in self.WANTS.items():
-            t = self.tallies.get((id(conn), rid))
+            t = conn.scratch.get(self, {}).get(rid)
             if t is not None:
                 yield t.judgment(rid, wants, unit)
 
@@ -113,10 +116,10 @@ class _Maps:
 
 
 class _ConnMaps:
-    __slots__ = ("acked", "bytes", "first_data_done", "listener_dss", "n32", "n64", "span", "subflows")
+    __slots__ = ("acked", "bytes", "conn", "first_data_done", "listener_dss", "n32", "n64", "span")
 
     def __init__(self) -> None:
-        self.subflows: dict[tuple[int, int], _Maps] = {}
+        self.conn: Connection | None = None
         self.acked = [False, False]  # has the peer Data-ACKed any of this side's data yet (§3.7)
         self.first_data_done = False
         self.listener_dss = False
@@ -141,7 +144,6 @@ class MappingRules(StreamRules):
     EXTRA: ClassVar[tuple[str, ...]] = ("R3.3.1-11", "R3.3.1-13")
 
     def __init__(self) -> None:
-        super().__init__()
         self.conns: dict[int, _ConnMaps] = {}
 
     @property
@@ -154,6 +156,7 @@ class MappingRules(StreamRules):
         st = self.conns.get(id(conn))
         if st is None:
             st = self.conns[id(conn)] = _ConnMaps()
+            st.conn = conn  # keeps id(conn) from being reused while the state lives
         dss = mpc = None
         for name, f in p.options:
             if name == "DSS":
@@ -163,9 +166,10 @@ class MappingRules(StreamRules):
         mapped = dss is not None and dss["flags"] & DSS_M
         if sub.initial:
             self._initial(conn, st, where, p, cs, dss, mpc, mapped)
-        maps = st.subflows.get((id(sub), side))
-        if maps is None:
-            maps = st.subflows[(id(sub), side)] = _Maps()
+        both = sub.scratch.get(self)
+        if both is None:
+            both = sub.scratch[self] = (_Maps(), _Maps())
+        maps = both[side]
         isn = sub.isn[side]
         if mapped and dss.get("data_level_length"):
             self._mapping(conn, st, maps, where, p, isn, cs, dss)
@@ -180,14 +184,12 @@ class MappingRules(StreamRules):
 
     def _initial(self, conn: Connection, st: _ConnMaps, where: Where, p: Packet, cs: int, dss, mpc,
                  mapped) -> None:
-        if cs == 1 and any(n != "MPCapable" for n, _ in p.options):
+        if cs == 1 and not st.listener_dss and any(n != "MPCapable" for n, _ in p.options):
             # Any other MPTCP option from the listener (a DSS, an ADD_ADDR whose HMAC needs the
             # initiator's key) tells the initiator its third ACK arrived (§3.1).
             st.listener_dss = True
         if not p.payload_len:
             return
-        carries = bool(mapped) or bool(mpc and mpc.get("data_level_length"))
-        names = ", ".join(n for n, _ in p.options) or "no MPTCP option"
         if cs == 0 and not st.first_data_done:
             st.first_data_done = True
             if not st.listener_dss:  # else the initiator may know its third ACK arrived
@@ -199,17 +201,17 @@ class MappingRules(StreamRules):
                         t.bad(where, f"its MP_CAPABLE echoes key {mpc['receiver_key']:#x}; the listener's is "
                                      f"{conn.keys[1]:#x}")
                 else:
-                    t.bad(where, f"a {p.payload_len}-byte segment with {names}")
+                    t.bad(where, f"a {p.payload_len}-byte segment with {_names(p)}")
         if not st.acked[cs]:
             idsn, peer_ack = conn.idsn(cs), conn.max_data_ack[1 - cs]
             if idsn is not None and peer_ack is not None and _ahead(peer_ack, (idsn + 1) % 2**64):
                 st.acked[cs] = True
             else:
                 t = self.tally(conn, "R3.7-02")
-                if carries:
+                if mapped or (mpc and mpc.get("data_level_length")):
                     t.ok(where)
                 else:
-                    t.bad(where, f"a {p.payload_len}-byte segment with {names} and no mapping")
+                    t.bad(where, f"a {p.payload_len}-byte segment with {_names(p)} and no mapping")
 
     def _mapping(self, conn: Connection, st: _ConnMaps, maps: _Maps, where: Where, p: Packet, isn: int | None,
                  cs: int, dss: dict) -> None:
@@ -292,19 +294,15 @@ class DuplicateAckRules(StreamRules):
         "R3-02": "MPTCP options", "R3.4.1-18": "MPTCP signalling (ADD_ADDR, REMOVE_ADDR, MP_PRIO ...)",
             "R4-03": "non-DSS MPTCP signals"}
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dirs: dict[tuple[int, int], _Dup] = {}
-        self.longest: dict[tuple[int, str], tuple[int, Where | None]] = {}
-
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(self.RIDS)
 
     def __call__(self, conn: Connection, sub: Subflow, where: Where, p: Packet, side: int, cs: int) -> None:
-        st = self.dirs.get((id(sub), side))
-        if st is None:
-            st = self.dirs[(id(sub), side)] = _Dup()
+        both = sub.scratch.get(self)
+        if both is None:
+            both = sub.scratch[self] = (_Dup(), _Dup())
+        st = both[side]
         flags = p.flags
         if p.payload_len or flags & (SYN | FIN | RST) or not flags & ACK:
             st.key, st.run_any, st.run_signal = None, 0, 0
@@ -333,13 +331,14 @@ class DuplicateAckRules(StreamRules):
             st.data_ack = data_ack
 
     def _note(self, conn: Connection, rid: str, run: int, where: Where) -> None:
-        best = self.longest.get((id(conn), rid))
+        longest = conn.scratch.setdefault(self, {})
+        best = longest.get(rid)
         if best is None or run > best[0]:
-            self.longest[(id(conn), rid)] = (run, where)
+            longest[rid] = (run, where)
 
     def judge(self, conn: Connection) -> Iterable[Judgment]:
         for rid, what in self.RIDS.items():
-            best = self.longest.get((id(conn), rid))
+            best = conn.scratch.get(self, {}).get(rid)
             if best is None:
                 continue
             run, where = best
@@ -359,31 +358,29 @@ class WindowRules(StreamRules):
         "R3.3.4-01": ("the right edge (Data ACK + window << scale) never moves backwards",
                            "segments with a Data ACK")}
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.edges: dict[tuple[int, int], tuple[int, Where]] = {}
-        self.order: dict[tuple[int, int], tuple[int, int]] = {}  # highest (TCP ACK, data end) seen
-
     def __call__(self, conn: Connection, sub: Subflow, where: Where, p: Packet, side: int, cs: int) -> None:
         if p.flags & (SYN | RST) or conn.fallback is not None:
             return
         dss = _dss(p)
         if dss is None or not dss["flags"] & DSS_A:
             return
-        key = (id(sub), side)
+        both = sub.scratch.get(self)
+        if both is None:  # per direction: [highest (TCP ACK, data end) seen, (best edge, where)]
+            both = sub.scratch[self] = ([None, None], [None, None])
+        st = both[side]
         end = (p.seq + p.payload_len) % 2**32
-        last = self.order.get(key)
+        last = st[0]
         if last is not None:
             if seq_after(last[0], p.ack) or (p.ack == last[0] and seq_after(last[1], p.seq)):
                 return  # sent before a segment already seen
             if p.ack == last[0] and not seq_after(end, last[1]):
                 end = last[1]
-        self.order[key] = (p.ack, end)
+        st[0] = (p.ack, end)
         ack = conn.expand_dsn(1 - cs, dss["data_ack"], 64 if dss["flags"] & DSS_A8 else 32)
         ws = sub.wscale[side] if None not in sub.wscale else 0
         ws = min(ws or 0, 14)
         edge = ack + (p.window << ws)
-        best = self.edges.get(key)
+        best = st[1]
         t = self.tally(conn, "R3.3.4-01")
         if best is not None and edge + (1 << ws) <= best[0]:
             t.bad(where, f"right edge {edge:#x} (Data ACK {ack:#x} + {p.window} << {ws}) is {best[0] - edge} "
@@ -391,7 +388,15 @@ class WindowRules(StreamRules):
             return
         t.ok(where)
         if best is None or edge > best[0]:
-            self.edges[key] = (edge, where)
+            st[1] = (edge, where)
+
+
+class _ConnAcks:
+    __slots__ = ("every", "first64")
+
+    def __init__(self) -> None:
+        self.first64: list[int | None] = [None, None]
+        self.every = [[0, 0], [0, 0]]
 
 
 class DataAckRules(StreamRules):
@@ -406,14 +411,9 @@ class DataAckRules(StreamRules):
     }
 
     def __init__(self, complete: bool = False) -> None:
-        super().__init__()
         # With every subflow in the captures (the Lab's case), a Data ACK beyond all the data the
         # peer mapped so far acknowledges unsent data; with some paths missing it may not.
         self.complete = complete
-        self.last: dict[tuple[int, int], int] = {}
-        self.first64: dict[tuple[int, int], int] = {}
-        self.infinite: dict[tuple[int, int], tuple[Where, int]] = {}  # (sub, sender side) -> where, end seq
-        self.every: dict[tuple[int, int], list[int]] = {}  # (conn, side) -> [with, without] Data ACK
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -422,16 +422,28 @@ class DataAckRules(StreamRules):
     def __call__(self, conn: Connection, sub: Subflow, where: Where, p: Packet, side: int, cs: int) -> None:
         if p.flags & SYN or conn.fallback is not None or None in conn.keys:
             return
-        dss = _dss(p)
+        dss = None
+        mpc = False
+        for name, f in p.options:
+            if name == "DSS":
+                dss = f
+            elif name == "MPCapable":
+                mpc = True
         flags = dss["flags"] if dss is not None else 0
+        cst = conn.scratch.get((self, "acks"))
+        if cst is None:  # first 64-bit DSN of each side; [with, without] Data ACK segments of each side
+            cst = conn.scratch[(self, "acks")] = _ConnAcks()
+        sst = sub.scratch.get(self)
+        if sst is None:  # per direction: [last Data ACK sent, (where, end seq) of an infinite mapping]
+            sst = sub.scratch[self] = ([None, None], [None, None])
         if flags & DSS_M:
-            if flags & DSS_M8 and (id(conn), cs) not in self.first64:
-                self.first64[(id(conn), cs)] = dss["dsn"]
+            if flags & DSS_M8 and cst.first64[cs] is None:
+                cst.first64[cs] = dss["dsn"]
             if dss.get("data_level_length") == 0:
-                self.infinite[(id(sub), side)] = (where, (p.seq + p.payload_len) % 2**32)
-        if not p.flags & RST and not any(n == "MPCapable" for n, _ in p.options):
-            self.every.setdefault((id(conn), cs), [0, 0])[0 if flags & DSS_A else 1] += 1
-        inf = self.infinite.get((id(sub), 1 - side))
+                sst[side][1] = (where, (p.seq + p.payload_len) % 2**32)
+        if not mpc and not p.flags & RST:
+            cst.every[cs][0 if flags & DSS_A else 1] += 1
+        inf = sst[1 - side][1]
         if inf is not None and p.flags & ACK and not seq_after(inf[1], p.ack):
             t = self.tally(conn, "R3.7-16")
             if flags & DSS_A:
@@ -443,20 +455,19 @@ class DataAckRules(StreamRules):
         wide = bool(flags & DSS_A8)
         peer = 1 - cs
         ack = conn.expand_dsn(peer, dss["data_ack"], 64 if wide else 32)
-        first64 = self.first64.get((id(conn), peer))
+        first64 = cst.first64[peer]
         if first64 is not None and _ahead(ack, first64):
             t = self.tally(conn, "R3.3.2-01")
             if wide:
                 t.ok(where)
             else:
                 t.bad(where, f"a 32-bit Data ACK {dss['data_ack']:#x} for data the peer mapped with 64-bit DSNs")
-        key = (id(sub), side)
         t = self.tally(conn, "R3.3.2-06")
-        if self.last.get(key) == ack:
+        if sst[side][0] == ack:
             t.bad(where, f"Data ACK {ack:#x} again, unchanged")
         else:
             t.ok(where)
-        self.last[key] = ack
+        sst[side][0] = ack
         self._bounded(conn, where, peer, ack)
 
     def _bounded(self, conn: Connection, where: Where, peer: int, ack: int) -> None:
@@ -479,8 +490,9 @@ class DataAckRules(StreamRules):
 
     def judge(self, conn: Connection) -> Iterable[Judgment]:
         yield from super().judge(conn)
+        cst = conn.scratch.get((self, "acks"))
         for cs, who in ((0, "initiator"), (1, "listener")):
-            counts = self.every.get((id(conn), cs))
+            counts = cst.every[cs] if cst else None
             if counts and counts[0] and not counts[1]:
                 yield Judgment("R3.3.2-05", PASS, f"the {who} puts a Data ACK in every segment ({counts[0]}) "
                                "after the handshake, as it may")

@@ -285,7 +285,8 @@ class Packet:
         opts = self._options
         if opts is None:
             try:
-                opts = [_decode(r) for r in self.raw_options]
+                get = _DECODED.get
+                opts = [get(r) or _remember(r) for r in self.raw_options]
             except Exception:  # hostile bytes come back as evidence, one option at a time
                 opts = [_decode_safe(r) for r in self.raw_options]
             self._options = opts
@@ -295,6 +296,19 @@ class Packet:
         return (f"<Packet {self.frame} t={self.time:.6f} {self.src}.{self.sport} > {self.dst}.{self.dport} "
                 f"flags={self.flags:#05x} seq={self.seq} ack={self.ack} len={self.payload_len} "
                 f"mptcp={[n for n, _ in self.options]}>")
+
+
+# Bulk transfers repeat option bytes (one DSS on every segment of a mapping): decode each distinct
+# option once. The (name, fields) pairs are shared between packets, so they are read-only.
+_DECODED: dict[bytes, tuple[str, dict]] = {}
+_DECODED_MAX = 4096
+
+
+def _remember(raw: bytes) -> tuple[str, dict]:
+    if len(_DECODED) >= _DECODED_MAX:
+        _DECODED.clear()
+    out = _DECODED[raw] = _decode(raw)
+    return out
 
 
 def _decode_safe(raw: bytes) -> tuple[str, dict]:
