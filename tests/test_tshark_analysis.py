@@ -329,3 +329,12 @@ def test_live_kernel_captures_show_no_disagreement(tmp_path):
                              "64-bit mappings placed by tshark's IDSN"}, examined
     assert examined["joins matched to a connection"] >= 2
     assert examined["data segments in tshark's mapping analysis"] > 100
+
+
+def test_a_data_fin_takes_no_subflow_space_in_the_conflict_check():
+    """§3.3.3: DSN 80 length 11 with DATA_FIN maps 10 subflow octets; data re-sent right after
+    them (another DSN) does not intersect it."""
+    fin = (1, 0, 100, 10, 80, True)  # SSN 100, 10 subflow octets (length 11 with the DATA_FIN)
+    after = (1, 0, 110, 5, 20, True)
+    assert not ta._conflict(fin, after)
+    assert ta._conflict(fin, (1, 0, 109, 5, 20, True))

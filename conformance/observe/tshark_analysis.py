@@ -383,7 +383,9 @@ class _MappingConflict(_Analyzer):
         t, pcap = s.tshark, s.where.pcap
         for f in _dss_maps(s.packet):
             if f.get("data_level_length"):
-                self.maps[(pcap, s.where.frame)] = (id(s.sub), s.side, f["ssn"], f["data_level_length"], f["dsn"],
+                # A DATA_FIN counts in the data-level length but takes no subflow space (§3.3.3).
+                length = f["data_level_length"] - (1 if f["flags"] & 0x10 else 0)
+                self.maps[(pcap, s.where.frame)] = (id(s.sub), s.side, f["ssn"], length, f["dsn"],
                                                     bool(f["flags"] & 0x08))
                 break
         if not s.read or t is None or s.conn is None or len(t.related) < 2:
