@@ -230,26 +230,30 @@ class ModelBuilder:
         self.segment_observers = list(segment_observers)
         self.connections: list[Connection] = []
         self.orphans: list[Subflow] = []  # joins whose token names no connection of the capture
-        self._subflows: dict[frozenset, tuple[Connection | None, Subflow, str]] = {}
+        # (src, sport, dst, dport) of each direction -> connection, subflow, [vantage of each side], side
+        self._subflows: dict[tuple, tuple[Connection | None, Subflow, list, int]] = {}
         self._by_token: dict[int, tuple[Connection, int]] = {}
 
     def feed(self, pcap: str, p: Packet) -> None:
-        ends = frozenset(((p.src, p.sport), (p.dst, p.dport)))
-        known = self._subflows.get(ends)
-        where = Where(pcap, p.frame, p.time)
+        known = self._subflows.get((p.src, p.sport, p.dst, p.dport))  # keyed by direction: no side to work out
         if known is None:
-            if p.flags & (SYN | ACK) == SYN:
-                self._open(ends, where, p)
+            if p.flags & (SYN | ACK) == SYN and (p.dst, p.dport, p.src, p.sport) not in self._subflows:
+                self._open(Where(pcap, p.frame, p.time), p)
             return
-        conn, sub, vantages = known
-        side = 0 if (p.src, p.sport) == sub.tuple4[:2] else 1
+        conn, sub, vantages, side = known
         if vantages[side] is None:
             vantages[side] = pcap
         elif vantages[side] != pcap:
             return  # the same segment seen on another link: each direction is read from one vantage
-        self._segment(conn, sub, where, p)
+        self._segment(conn, sub, Where(pcap, p.frame, p.time), p, side)
 
-    def _open(self, ends: frozenset, where: Where, p: Packet) -> None:
+    def _remember(self, conn: Connection | None, sub: Subflow, pcap: str) -> None:
+        vantages = [pcap, None]
+        a, ap, b, bp = sub.tuple4
+        self._subflows[(a, ap, b, bp)] = (conn, sub, vantages, 0)
+        self._subflows[(b, bp, a, ap)] = (conn, sub, vantages, 1)
+
+    def _open(self, where: Where, p: Packet) -> None:
         tuple4 = (p.src, p.sport, p.dst, p.dport)
         opts = p.options
         mpc = next((f for n, f in opts if n == "MPCapable"), None)
@@ -265,7 +269,7 @@ class ModelBuilder:
                 conn.subflows.append(sub)
             else:
                 self.orphans.append(sub)
-            self._subflows[ends] = (conn, sub, [where.pcap, None])
+            self._remember(conn, sub, where.pcap)
         else:
             conn = Connection(syn=where)
             if mpc is not None:
@@ -278,19 +282,18 @@ class ModelBuilder:
             conn.first_time = p.time
             conn.subflows.append(sub)
             self.connections.append(conn)
-            self._subflows[ends] = (conn, sub, [where.pcap, None])
-        self._segment(conn, sub, where, p, opening=True)
+            self._remember(conn, sub, where.pcap)
+        self._segment(conn, sub, where, p, 0, opening=True)
 
-    def _segment(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet,
+    def _segment(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet, side: int,
                  opening: bool = False) -> None:
         sub.segments += 1
-        side = 0 if (p.src, p.sport) == sub.tuple4[:2] else 1
         sub.payload[side] += p.payload_len
         if sub.segments == 1:
             sub.first_time = p.time
         sub.last_time = p.time
-        if conn is not None:
-            conn.last_time = max(conn.last_time, p.time)
+        if conn is not None and p.time > conn.last_time:
+            conn.last_time = p.time
         flags = p.flags
         if flags & SYN and sub.isn[side] is None:
             sub.isn[side] = p.seq
