@@ -16,6 +16,7 @@ from pathlib import Path
 from conformance.endpoints.counters import delta, read_counters
 from conformance.endpoints.linux import MptcpConfig, configure, show_endpoints
 from conformance.errors import HarnessError
+from conformance.inject.run import ScriptRun, run_script
 from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
@@ -173,6 +174,10 @@ class Lab:
         self._passive(result, endpoint_intfs)
         self.transfers.append(result)
         return result
+
+    def script(self, steps: list[dict], **kwargs) -> ScriptRun:
+        """Play `steps` from a scripted MPTCP peer against a kernel listener (conformance.inject.run)."""
+        return run_script(self, steps, **kwargs)
 
     def _passive(self, run: TransferRun, endpoint_intfs: set[str]) -> None:
         """The passive rules on every capture of the transfer: a rule that fails fails the case,

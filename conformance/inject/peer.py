@@ -1,0 +1,280 @@
+"""The scripted peer: an MPTCP client played packet by packet from a script (conformance.inject.script).
+
+Runs inside a host's network namespace (the Lab starts it there, with a netfilter rule that keeps
+that host's kernel from resetting the connection it has no socket for). Sends with scapy at layer
+3 out of one interface, listens with a sniffer on that interface, and tracks what a TCP/MPTCP
+endpoint must: sequence and acknowledgment numbers, both keys, tokens and IDSNs, whether MPTCP and
+DSS checksums were negotiated, the data sequence numbers each way. Every step's option values may
+name that state ("$server_key", ...), so a script says what to send, not how to compute it.
+
+    python -m conformance.inject.peer --script S.json --result R.json --src A --dst B --dport P
+        --sport Q --iface IF [--gw G]
+
+The result: every segment sent and received (flags, numbers, payload length, MPTCP options as our
+codec decodes them) and the final state, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import sys
+import time
+from pathlib import Path
+
+# Imported in the host's namespace (the Lab starts this module there): scapy reads that routing table.
+from scapy.all import IP, TCP, AsyncSniffer, IPv6, conf, send
+
+from conformance.endpoints.transfer import stream
+from conformance.inject.script import option_classes, validate
+from conformance.wire import DSS, MPCapable, crypto, mptcp_options
+from conformance.wire.bulk import decode_option
+
+FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
+
+
+def _flags(value: int) -> str:
+    return "".join(k for k, bit in FLAG_BITS.items() if value & bit)
+
+
+def _jsonable(v):
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+class Peer:
+    def __init__(self, src: str, dst: str, sport: int, dport: int, iface: str, gw: str | None,
+                 payload: bytes = b"") -> None:
+
+        conf.verb = 0
+        self.v6 = ":" in dst
+        if gw:
+            if self.v6:
+                conf.route6.add(dst=f"{dst}/128", gw=gw, dev=iface)
+            else:
+                conf.route.add(host=dst, gw=gw, dev=iface)
+        self.IP, self.TCP = (IPv6 if self.v6 else IP), TCP
+        self.src, self.dst, self.sport, self.dport, self.iface = src, dst, sport, dport, iface
+        self.isn = random.randrange(2**32)
+        self.snd_nxt = self.isn
+        self.rcv_nxt: int | None = None
+        self.client_key = random.getrandbits(64) | 1
+        self.server_key: int | None = None
+        self.mptcp = False
+        self.checksum = False
+        self.sent_data = 0  # bytes of data-level payload sent (for our DSN)
+        # What the transfer program's server expects from a client, so its SHA-256 check applies.
+        self.payload = payload
+        self.data_ack: int | None = None  # the server's next DSN, from its IDSN and what arrived
+        self.log: list[dict] = []
+        self.last_sent = None
+        self.inbox: queue.Queue = queue.Queue()
+        ip = "ip6" if self.v6 else "ip"
+        self.sniffer = AsyncSniffer(iface=iface, store=False, prn=self.inbox.put,
+                                    filter=f"{ip} and tcp and src port {dport} and dst port {sport}")
+        self.sniffer.start()
+        time.sleep(0.3)  # the sniffer's socket must be open before the first answer can arrive
+
+    # -- state as the script may name it
+    def variables(self) -> dict[str, int | None]:
+        s = self.server_key
+        return {"$client_key": self.client_key, "$server_key": s,
+                "$server_token": crypto.token(s) if s is not None else None,
+                "$client_idsn": crypto.idsn(self.client_key),
+                "$server_idsn": crypto.idsn(s) if s is not None else None,
+                "$data_ack": self.data_ack, "$dsn": (crypto.idsn(self.client_key) + 1 + self.sent_data) % 2**64}
+
+    def options(self, specs: list[dict]) -> list:
+        classes, values = option_classes(), self.variables()
+        out = []
+        for spec in specs:
+            (name, fields), = spec.items()
+            resolved = {k: values[v] if isinstance(v, str) and v.startswith("$") else v for k, v in fields.items()}
+            missing = [k for k, v in resolved.items() if v is None]
+            if missing:
+                raise RuntimeError(f"{name}: {', '.join(missing)} named state not known yet")
+            out.append(classes[name](**resolved))
+        return out
+
+    # -- the wire
+    def send(self, flags: str, opts: list, payload: bytes = b"", mss: int | None = None) -> None:
+        tcp_opts = ([("MSS", mss)] if mss else []) + list(opts)
+        seg = self.TCP(sport=self.sport, dport=self.dport, flags=flags, seq=self.snd_nxt,
+                       ack=self.rcv_nxt or 0, window=65535, options=tcp_opts)
+        pkt = self.IP(src=self.src, dst=self.dst) / seg / payload
+
+        send(pkt, iface=self.iface, verbose=0)
+        self.last_sent = pkt
+        self._record("out", self.IP(bytes(pkt)))  # as it went out: options in their wire form
+        self.snd_nxt = (self.snd_nxt + len(payload) + (1 if "S" in flags or "F" in flags else 0)) % 2**32
+
+    def _record(self, direction: str, pkt) -> dict:
+
+        tcp = pkt[self.TCP]
+        entry = {"dir": direction, "t": time.time(), "flags": _flags(int(tcp.flags)), "seq": tcp.seq,
+                 "ack": tcp.ack, "len": len(bytes(tcp.payload)), "window": tcp.window,
+                 "options": [[n, {k: _jsonable(v) for k, v in f.items()}]
+                             for n, f in (decode_option(bytes(o)) for o in mptcp_options(tcp))]}
+        self.log.append(entry)
+        return entry
+
+    def receive(self, timeout: float) -> tuple[dict, object] | None:
+        try:
+            pkt = self.inbox.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
+        entry = self._record("in", pkt)
+        tcp = pkt[self.TCP]
+        if entry["flags"].count("S") and "A" in entry["flags"]:
+            self.rcv_nxt = (tcp.seq + 1) % 2**32
+        elif (entry["len"] or "F" in entry["flags"]) and (self.rcv_nxt is None or tcp.seq == self.rcv_nxt):
+            self.rcv_nxt = (tcp.seq + entry["len"] + (1 if "F" in entry["flags"] else 0)) % 2**32
+        for name, f in entry["options"]:
+            if name == "DSS" and f.get("data_level_length") and f.get("dsn") is not None and self.mptcp:
+                end = (f["dsn"] + f["data_level_length"]) % 2**64 if f["flags"] & 0x08 else None
+                if end is not None and (self.data_ack is None or 0 < (end - self.data_ack) % 2**64 < 2**63):
+                    self.data_ack = end
+        return entry, pkt
+
+    # -- steps
+    def syn(self, step: dict) -> None:
+        self.send("S", self.options(step.get("options", [])), mss=step.get("mss", 1400))
+        deadline = time.monotonic() + step.get("wait", 2)
+        while (got := self.receive(deadline - time.monotonic())) is not None:
+            entry, _ = got
+            if "R" in entry["flags"]:
+                return
+            if "S" in entry["flags"] and "A" in entry["flags"]:
+                mpc = next((f for n, f in entry["options"] if n == "MPCapable"), None)
+                if mpc is not None and mpc.get("sender_key") is not None:
+                    self.mptcp = True
+                    self.server_key = mpc["sender_key"]
+                    sent = next((o for o in self.log[0]["options"] if o[0] == "MPCapable"), None)
+                    self.checksum = bool(mpc["flags"] & 0x80 or (sent and sent[1]["flags"] & 0x80))
+                    self.data_ack = (crypto.idsn(self.server_key) + 1) % 2**64
+                return
+
+    def _next_payload(self, size: int) -> bytes:
+        chunk = self.payload[self.sent_data:self.sent_data + size]
+        return chunk + bytes(size - len(chunk))
+
+    def _dss(self, size: int, fin: bool = False) -> list:
+
+        dsn = (crypto.idsn(self.client_key) + 1 + self.sent_data) % 2**64
+        ssn = 0 if fin and not size else (self.snd_nxt - self.isn) % 2**32
+        length = size + (1 if fin else 0)
+        fields = {"flags": "AaMm" + ("F" if fin else ""), "data_ack": self.data_ack, "dsn": dsn, "ssn": ssn,
+                  "data_level_length": length}
+        if self.checksum:
+            fields["checksum"] = crypto.dss_checksum(dsn, ssn, length, self._next_payload(size))
+        return [DSS(**fields)]
+
+    def data(self, step: dict) -> None:
+        size = step["size"]
+        if step.get("mapping") == "auto":
+            opts = self._dss(size)
+        elif step.get("mapping") == "mpc":
+
+            fields = {"flags": 0x81 if self.checksum else 0x01, "sender_key": self.client_key,
+                      "receiver_key": self.server_key, "data_level_length": size}
+            if self.checksum:
+                fields["checksum"] = crypto.dss_checksum((crypto.idsn(self.client_key) + 1) % 2**64, 1, size,
+                                                         self._next_payload(size))
+            opts = [MPCapable(**fields)]
+        else:
+            opts = self.options(step.get("options", []))
+        self.send("PA" if step.get("push", True) else "A", opts, self._next_payload(size))
+        self.sent_data += size
+
+    def data_fin(self, step: dict) -> None:
+        opts = self.options(step["options"]) if "options" in step else self._dss(0, fin=True)
+        self.send("FA" if step.get("tcp_fin", True) else "A", opts)
+
+    def fin(self, step: dict) -> None:
+        self.send("FA", self.options(step.get("options", [])))
+
+    def recv(self, step: dict) -> None:
+        until, timeout = step.get("until", "any"), step.get("timeout", 2)
+        want = int(until[5:]) if until.startswith("data:") else None
+        got_bytes = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.receive(deadline - time.monotonic())
+            if got is None:
+                return
+            entry, _ = got
+            got_bytes += entry["len"]
+            if (entry["len"] or "F" in entry["flags"]) and step.get("ack", True) and "R" not in entry["flags"]:
+                self.ack({})
+            flags = entry["flags"]
+            if until == "any" or (until == "fin" and "F" in flags) or (until == "rst" and "R" in flags):
+                return
+            if want is not None and got_bytes >= want:
+                return
+            if until == "quiet":
+                deadline = time.monotonic() + timeout
+
+    def ack(self, step: dict) -> None:
+        if "options" in step:
+            opts = self.options(step["options"])
+        elif self.mptcp and self.data_ack is not None and any(e["dir"] == "in" and any(
+                n == "DSS" for n, _ in e["options"]) for e in self.log):
+
+            opts = [DSS(flags="Aa", data_ack=self.data_ack)]
+        else:
+            opts = []
+        self.send("A", opts)
+
+    def resend(self, step: dict) -> None:
+        if self.last_sent is None:
+            raise RuntimeError("nothing was sent yet")
+        send(self.last_sent, iface=self.iface, verbose=0)
+        self._record("out", self.IP(bytes(self.last_sent)))
+
+    def rst(self, step: dict) -> None:
+        self.send("R", self.options(step.get("options", [])))
+
+    def run(self, steps: list[dict]) -> dict:
+        error = None
+        for i, step in enumerate(steps):
+            try:
+                if step["op"] == "sleep":
+                    time.sleep(step["seconds"])
+                else:
+                    getattr(self, step["op"])(step)
+            except RuntimeError as exc:
+                error = f"step {i + 1} ({step['op']}): {exc}"
+                break
+        time.sleep(0.2)
+        while self.receive(0.05) is not None:  # late answers are part of the evidence too
+            pass
+        self.sniffer.stop()
+        return {"error": error, "segments": self.log, "mptcp": self.mptcp, "checksum": self.checksum,
+                "client_key": self.client_key, "server_key": self.server_key, "isn": self.isn,
+                "sport": self.sport}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="conformance.inject.peer")
+    for name in ("--script", "--result", "--src", "--dst", "--iface"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--dport", type=int, required=True)
+    ap.add_argument("--sport", type=int, required=True)
+    ap.add_argument("--gw")
+    ap.add_argument("--payload-size", type=int, default=0, help="the bytes a transfer client would send")
+    args = ap.parse_args(argv)
+    steps = validate(json.loads(Path(args.script).read_text()), args.script)
+    payload = b"".join(stream("client", args.payload_size))
+    result = Peer(args.src, args.dst, args.sport, args.dport, args.iface, args.gw, payload).run(steps)
+    tmp = Path(args.result + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Running a script of the scripted peer against a kernel listener in a Lab, with the evidence.
+
+The peer plays the client from a host of the topology (default: the topology's client, its first
+interface); the kernel of the server node listens with the suite's transfer program. Every link is
+captured, both nodes' MIB counters are read before and after, and the peer's own log of what it
+sent and received comes back with them. The peer's host kernel has no socket for the peer's
+connection: a netfilter rule (tagged with the run prefix, removed afterwards) keeps it from
+answering the server's segments with resets."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from conformance.endpoints.counters import delta, read_counters
+from conformance.errors import HarnessError
+from conformance.inject.script import validate
+from conformance.net.capture import Capture
+from conformance.net.cleanup import Cleanup
+from conformance.net.names import run_prefix
+from conformance.proc import run
+
+if TYPE_CHECKING:
+    from conformance.lab import Lab
+
+
+@dataclass
+class ScriptRun:
+    folder: Path
+    peer: dict  # the peer's result: segments sent and received, keys, whether MPTCP was negotiated
+    server: dict | None  # the transfer program's report, if it finished
+    counters: dict[str, dict[str, int]]  # node -> non-zero MIB counter deltas
+    pcaps: dict[str, Path]  # interface -> capture
+    port: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def received(self) -> list[dict]:
+        return [s for s in self.peer["segments"] if s["dir"] == "in"]
+
+    def first(self, flags: str) -> dict | None:
+        """The first received segment whose flags include all of `flags`."""
+        return next((s for s in self.received if all(f in s["flags"] for f in flags)), None)
+
+    @staticmethod
+    def option(segment: dict | None, name: str) -> dict | None:
+        if segment is None:
+            return None
+        return next((f for n, f in segment["options"] if n == name), None)
+
+    def describe(self, segment: dict | None) -> str:
+        """A received segment in a failure message: flags, numbers, options."""
+        if segment is None:
+            return "no such segment from the server"
+        opts = ", ".join(f"{n}({', '.join(f'{k}={v}' for k, v in f.items() if k not in ('kind', 'subtype'))})"
+                         for n, f in segment["options"]) or "no MPTCP option"
+        return f"[{segment['flags']}] seq={segment['seq']} ack={segment['ack']} len={segment['len']} {opts}"
+
+
+def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: str | None = None,
+               expect: int = 0, send: int = 0, mptcp_server: bool = True, timeout: float = 20) -> ScriptRun:
+    """Run `steps` (see conformance.inject.script) from `peer` against a kernel listener on
+    `server` that expects `expect` bytes and then sends `send`."""
+    steps = validate(steps)
+    peer = peer or lab.topo.client
+    server = server or lab.topo.server
+    port = next(lab._ports)
+    folder = lab.folder / f"script-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "script.json").write_text(json.dumps(steps, indent=1))
+    family = 6 if lab.family == "ipv6" else 4
+    src = lab.topo.addresses(peer, family)[0]
+    dst = lab.topo.addresses(server, family)[0]
+    iface = next(i for n, i in lab.topo.interfaces(peer))
+    sport = random.randrange(20000, 60000)
+    before = {n.name: read_counters(n.pid) for n in lab.net.nodes()}
+    local = Cleanup()
+    srv = None
+    try:
+        cap = Capture([(n, lab.net.netns(n), i) for n, i in lab.topo.interfaces()], folder, local)
+        _guard(lab.net.netns(peer), sport, family, local)
+        srv = lab._start(server, "server", lab.listen_address(), port, send, expect, mptcp_server, 1, folder,
+                         local, timeout)
+        argv = [sys.executable, "-m", "conformance.inject.peer", "--script", str(folder / "script.json"),
+                "--result", str(folder / "peer.json"), "--src", src, "--dst", dst, "--dport", str(port),
+                "--sport", str(sport), "--iface", iface, "--payload-size", str(expect)]
+        out = run(argv, netns=lab.net.netns(peer), timeout=timeout + 30, check=False)
+        (folder / "peer.out").write_text(out.stdout + out.stderr)
+        if out.returncode != 0 or not (folder / "peer.json").exists():
+            raise HarnessError(f"the scripted peer on {peer} failed (exit {out.returncode}): "
+                               f"{(out.stderr or out.stdout).strip()[-500:]}")
+        deadline = time.monotonic() + 3
+        while expect and srv.running() and time.monotonic() < deadline:  # its report, if it got its data
+            time.sleep(0.05)
+        time.sleep(0.2)  # the last answers cross the links before the captures close
+    finally:
+        if srv is not None and srv.running():
+            srv.stop()
+        local.run()
+    after = {n.name: read_counters(n.pid) for n in lab.net.nodes()}
+    counters = {n: delta(before[n], after[n]) for n in before}
+    (folder / "counters.json").write_text(json.dumps(counters, indent=2, sort_keys=True))
+    report = folder / "server.json"
+    result = ScriptRun(folder, json.loads((folder / "peer.json").read_text()),
+                       json.loads(report.read_text()) if report.exists() else None, counters,
+                       {p.intf: p.path for p in cap.pcaps}, port)
+    if result.peer.get("error"):
+        raise HarnessError(f"the script stopped: {result.peer['error']}")
+    return result
+
+
+def _guard(netns: str, sport: int, family: int, cleanup: Cleanup) -> None:
+    """Keep the peer host's kernel from resetting a connection it has no socket for."""
+    tool = "ip6tables" if family == 6 else "iptables"
+    rule = ["OUTPUT", "-p", "tcp", "--sport", str(sport), "--tcp-flags", "RST", "RST", "-m", "comment",
+            "--comment", f"{run_prefix()}-peer-guard", "-j", "DROP"]
+    run([tool, "-I", *rule], netns=netns)
+    cleanup.defer(f"remove the peer's RST guard in {netns}", lambda: run([tool, "-D", *rule], netns=netns,
+                                                                          check=False))

@@ -1,0 +1,95 @@
+"""Scripts for the scripted peer: a list of steps, each a small dict, validated before anything runs.
+
+A step is `{"op": ..., ...}`:
+
+  syn      send a SYN; `options`: MPTCP options (below), `wait` seconds for the SYN/ACK (default 2)
+  ack      send a pure ACK acknowledging what arrived; `options`
+  data     send `size` bytes of payload; `options`, or `mapping: "auto"` for a DSS mapping (and
+           Data ACK) from the tracked data sequence state, `mapping: "mpc"` for MP_CAPABLE with
+           both keys and the data-level length (§3.1, data on the third ACK / first data)
+  fin      send a TCP FIN (no MPTCP option unless `options`): closing a plain TCP connection
+  data_fin send a DATA_FIN (DSS with F, SSN 0, length 1) with a TCP FIN if `tcp_fin` (default true)
+  recv     wait up to `timeout` seconds (default 2) for `until`: "any" (one segment), "fin", "rst",
+           "data:N" (N payload bytes), "quiet" (no segment for `timeout`); received data is ACKed
+           (with a DSS Data ACK once MPTCP is established) unless `ack: false`
+  resend   send the last segment sent again, unchanged (a retransmission)
+  rst      send a RST; `options`
+  sleep    wait `seconds`
+
+An MPTCP option is `{"Class": {field: value}}` with a class of conformance.wire (MPCapable, DSS,
+MPJoinSyn, AddAddr, MPFastclose, ...); a value may name the tracked state: "$client_key",
+"$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack" (the server's next
+DSN), "$dsn" (ours)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from conformance.errors import InputError
+from conformance.wire import options as wire_options
+
+OPS = {
+    "syn": {"options", "wait", "mss"},
+    "ack": {"options"},
+    "data": {"size", "options", "mapping", "push"},
+    "data_fin": {"options", "tcp_fin"},
+    "fin": {"options"},
+    "recv": {"timeout", "until", "ack"},
+    "rst": {"options"},
+    "resend": set(),
+    "sleep": {"seconds"},
+}
+VARIABLES = {"$client_key", "$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack", "$dsn"}
+UNTIL = ("any", "fin", "rst", "quiet")
+
+
+def option_classes() -> dict[str, type]:
+    base = wire_options.MPTCPOption
+    return {name: cls for name, cls in vars(wire_options).items()
+            if isinstance(cls, type) and issubclass(cls, base) and cls is not base}
+
+
+def validate(steps: object, source: str = "script") -> list[dict]:
+    """The steps, or InputError naming the step and field that is wrong."""
+    if not isinstance(steps, Sequence) or isinstance(steps, str | bytes) or not steps:
+        raise InputError(f"{source}: expected a non-empty list of steps")
+    classes = option_classes()
+    out = []
+    for i, step in enumerate(steps):
+        where = f"{source}: step {i + 1}"
+        if not isinstance(step, Mapping) or "op" not in step:
+            raise InputError(f"{where}: expected a mapping with an 'op'")
+        op = step["op"]
+        if op not in OPS:
+            raise InputError(f"{where}: unknown op {op!r} (known: {', '.join(OPS)})")
+        extra = set(step) - OPS[op] - {"op"}
+        if extra:
+            raise InputError(f"{where} ({op}): unknown field(s) {', '.join(sorted(extra))}")
+        for n, opt in enumerate(step.get("options", [])):
+            if not isinstance(opt, Mapping) or len(opt) != 1:
+                raise InputError(f"{where} ({op}): option {n + 1}: expected {{Class: {{field: value}}}}")
+            (name, fields), = opt.items()
+            cls = classes.get(name)
+            if cls is None:
+                raise InputError(f"{where} ({op}): option {n + 1}: unknown option class {name!r}")
+            known = {f.name for f in cls.fields_desc}
+            if not isinstance(fields, Mapping) or set(fields) - known:
+                bad = sorted(set(fields) - known) if isinstance(fields, Mapping) else fields
+                raise InputError(f"{where} ({op}): option {n + 1} ({name}): unknown field(s) {bad}")
+            for k, v in fields.items():
+                if isinstance(v, str) and v.startswith("$") and v not in VARIABLES:
+                    raise InputError(f"{where} ({op}): option {n + 1} ({name}).{k}: unknown variable {v}")
+        if op == "data" and (not isinstance(step.get("size"), int) or step["size"] <= 0):
+            raise InputError(f"{where} (data): size must be a positive number of bytes")
+        if op == "data" and step.get("mapping") not in (None, "auto", "mpc"):
+            raise InputError(f"{where} (data): mapping must be 'auto' or 'mpc'")
+        until = step.get("until", "any")
+        if op == "recv" and not (until in UNTIL or (isinstance(until, str) and until.startswith("data:")
+                                                     and until[5:].isdigit())):
+            raise InputError(f"{where} (recv): until must be one of {', '.join(UNTIL)} or data:N")
+        for key in ("wait", "timeout", "seconds"):
+            if key in step and (not isinstance(step[key], int | float) or isinstance(step[key], bool)
+                                or not 0 <= step[key] <= 60):
+                raise InputError(f"{where} ({op}): {key} must be a number of seconds between 0 and 60")
+        out.append(dict(step))
+    return out
