@@ -16,6 +16,7 @@ codec decodes them) and the final state, as JSON."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import queue
 import random
@@ -93,7 +94,12 @@ class Peer:
         out = []
         for spec in specs:
             (name, fields), = spec.items()
-            resolved = {k: values[v] if isinstance(v, str) and v.startswith("$") else v for k, v in fields.items()}
+            resolved = {k: values[v] if isinstance(v, str) and v.startswith("$") and v != "$hmac" else v
+                        for k, v in fields.items()}
+            if resolved.get("truncated_hmac") == "$hmac":
+                resolved["truncated_hmac"] = crypto.add_addr_hmac(
+                    self.client_key, self.server_key, resolved.get("address_id", 0),
+                    ipaddress.ip_address(resolved["address"]).packed, resolved.get("port"))
             missing = [k for k, v in resolved.items() if v is None]
             if missing:
                 raise RuntimeError(f"{name}: {', '.join(missing)} named state not known yet")
@@ -101,9 +107,11 @@ class Peer:
         return out
 
     # -- the wire
-    def send(self, flags: str, opts: list, payload: bytes = b"", mss: int | None = None) -> None:
+    def send(self, flags: str, opts: list, payload: bytes = b"", mss: int | None = None,
+             seq_offset: int = 0) -> None:
         tcp_opts = ([("MSS", mss)] if mss else []) + list(opts)
-        seg = self.TCP(sport=self.sport, dport=self.dport, flags=flags, seq=self.snd_nxt,
+        seq = (self.snd_nxt + seq_offset) % 2**32
+        seg = self.TCP(sport=self.sport, dport=self.dport, flags=flags, seq=seq,
                        ack=self.rcv_nxt or 0, window=65535, options=tcp_opts)
         pkt = self.IP(src=self.src, dst=self.dst) / seg / payload
 
@@ -227,7 +235,7 @@ class Peer:
             opts = [DSS(flags="Aa", data_ack=self.data_ack)]
         else:
             opts = []
-        self.send("A", opts)
+        self.send("A", opts, seq_offset=step.get("seq_offset", 0))
 
     def resend(self, step: dict) -> None:
         if self.last_sent is None:
@@ -236,7 +244,7 @@ class Peer:
         self._record("out", self.IP(bytes(self.last_sent)))
 
     def rst(self, step: dict) -> None:
-        self.send("R", self.options(step.get("options", [])))
+        self.send("R", self.options(step.get("options", [])), seq_offset=step.get("seq_offset", 0))
 
     def run(self, steps: list[dict]) -> dict:
         error = None

@@ -19,7 +19,9 @@ A step is `{"op": ..., ...}`:
 An MPTCP option is `{"Class": {field: value}}` with a class of conformance.wire (MPCapable, DSS,
 MPJoinSyn, AddAddr, MPFastclose, ...); a value may name the tracked state: "$client_key",
 "$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack" (the server's next
-DSN), "$dsn" (ours)."""
+DSN), "$dsn" (ours), and in an AddAddr, "$hmac" (its truncated HMAC from our key, the server's, and
+its own ID, address and port). `seq_offset` on ack and rst moves that one segment's sequence number
+(an out-of-window signal, RFC 5961)."""
 
 from __future__ import annotations
 
@@ -30,16 +32,17 @@ from conformance.wire import options as wire_options
 
 OPS = {
     "syn": {"options", "wait", "mss"},
-    "ack": {"options"},
+    "ack": {"options", "seq_offset"},
     "data": {"size", "options", "mapping", "push"},
     "data_fin": {"options", "tcp_fin"},
     "fin": {"options"},
     "recv": {"timeout", "until", "ack"},
-    "rst": {"options"},
+    "rst": {"options", "seq_offset"},
     "resend": set(),
     "sleep": {"seconds"},
 }
-VARIABLES = {"$client_key", "$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack", "$dsn"}
+VARIABLES = {"$client_key", "$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack", "$dsn",
+             "$hmac"}
 UNTIL = ("any", "fin", "rst", "quiet")
 
 
