@@ -1,11 +1,11 @@
 """MPTCP option decoding speed on a bulk capture: our bulk decoder against our scapy classes and tshark.
 
-The capture: a kernel-to-kernel bulk transfer over `two_path` with a second subflow (a join
-endpoint on the client's second interface), both directions at once, captured by the Lab at its
-default snaplen; the client's two interfaces (one subflow each) merged into one classic pcap with
-mergecap. Transfers are repeated until the file holds at least --packets packets. It lives in a
-temporary folder under the run's tmpdir and is deleted afterwards unless --keep. --pcap FILE
-measures an existing capture instead (no root needed).
+The capture (made by benchmarks/bulk_capture.py, shared with checker.py): a kernel-to-kernel bulk
+transfer over `two_path` with a second subflow (a join endpoint on the client's second interface),
+both directions at once, captured by the Lab at its default snaplen; the client's two interfaces
+(one subflow each) merged into one classic pcap with mergecap. Transfers are repeated until the
+file holds at least --packets packets. It lives in a temporary folder under the run's tmpdir and
+is deleted afterwards unless --keep. --pcap FILE measures an existing capture instead (no root needed).
 
 Measured on the same file, in the same invocation, after one untimed read to warm the page cache:
 
@@ -37,66 +37,12 @@ import time
 import traceback
 from pathlib import Path
 
+from bulk_capture import MB, make_capture
+
 from conformance.errors import InputError
-from conformance.wire.bulk import PcapStats, iter_pcap, pcap_stats, scapy_fields
+from conformance.wire.bulk import PcapStats, iter_pcap, scapy_fields
 
 GOAL = 2.0
-TOPOLOGY = "two_path"
-MB = 1_000_000
-# Packets a transfer of one byte each way makes on the client's two interfaces, roughly: a data
-# segment per MSS each way, and about one ACK per two segments.
-PACKETS_PER_BYTE = 2 * 1.5 / 1400
-
-
-# --- the capture -------------------------------------------------------------------------------
-
-def make_capture(folder: Path, target: int, log) -> tuple[Path, list[str]]:
-    """A merged pcap of the client's two subflows with at least `target` packets (in `folder`)."""
-    from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
-    from conformance.lab import Lab
-    from conformance.net.cleanup import Cleanup
-    from conformance.net.registry import make_topology
-
-    notes: list[str] = []
-    merged = folder / "bulk.pcap"
-    parts: list[Path] = []
-    cleanup = Cleanup()
-    try:
-        lab = Lab(make_topology(TOPOLOGY, family="ipv4"), folder / "lab", cleanup)
-        second = lab.addresses("c1")[1]
-        lab.configure("s1", MptcpConfig(subflows=2))
-        lab.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
-                                                                          dev="c1-eth1")]))
-        have = 0
-        for attempt in range(4):
-            size = max(10 * MB, int((target - have) * 1.25 / PACKETS_PER_BYTE))
-            log(f"transfer {attempt + 1}: {size // MB} MB each way over 2 subflows ...")
-            t0 = time.perf_counter()
-            run = lab.transfer(up=size, down=size, wait_subflows=2, timeout=900)
-            log(f"  done in {time.perf_counter() - t0:.1f}s; client ok={run.client.get('ok')} "
-                f"server ok={run.server.get('ok')}")
-            for intf, path in run.pcaps.items():
-                if intf in ("c1-eth0", "c1-eth1"):
-                    parts.append(path)
-                else:
-                    path.unlink(missing_ok=True)  # the routers' and server's views: not needed
-            out = subprocess.run(["mergecap", "-F", "pcap", "-w", str(merged), *map(str, parts)],
-                                 capture_output=True, text=True, timeout=600)
-            if out.returncode != 0:
-                raise RuntimeError(f"mergecap failed: {out.stderr.strip()[-300:]}")
-            have = pcap_stats(merged).frames
-            log(f"  {have} packets so far")
-            if have >= target:
-                break
-        else:
-            notes.append(f"only {have} packets after 4 transfers (wanted {target})")
-    finally:
-        cleanup.run()
-    for p in parts:
-        p.unlink(missing_ok=True)
-    if len(parts) > 2:
-        notes.append(f"{len(parts) // 2} transfers merged")
-    return merged, notes
 
 
 # --- the three decoders ------------------------------------------------------------------------
