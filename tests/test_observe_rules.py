@@ -381,3 +381,16 @@ def test_a_data_fin_takes_no_subflow_sequence_space(tmp_path):
     again = _c("PA", [_dss("AaMm", ack=IDSN_S + 5, dsn=IDSN_C + 1, ssn=13, dll=4)], b"abcd", sent=12, acked=4)
     judgments = _judge(tmp_path, [*pkts, fin, again])
     assert _outcomes(judgments, "R3.3.1-01") == {PASS}, [str(j) for j in judgments if j.rid == "R3.3.1-01"]
+
+
+def test_a_side_that_stops_speaking_mptcp_fell_back_and_is_not_judged_as_mptcp(tmp_path):
+    """Options stripped on the way (§3.7): the capture nearest the listener shows its SYN/ACK with
+    MP_CAPABLE, but the initiator (which never got it) answers and sends data with no MPTCP option
+    at all, and never speaks MPTCP again. That is a fallback, not an R3.1-11 or R3.7-02 failure."""
+    pkts = [*connection()[:2], _c("A", []), _c("PA", [], b"abcd"), _s("A", [], acked=4),
+            _c("PA", [], b"efgh", sent=4)]
+    path = tmp_path / "fb.pcap"
+    _judge(tmp_path, pkts, "fb.pcap")
+    conns, judgments = check([path])
+    assert conns[0].fallback and "initiator sends no MPTCP option" in conns[0].fallback
+    assert not [str(j) for j in judgments if j.outcome == FAIL]

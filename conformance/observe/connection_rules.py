@@ -163,13 +163,17 @@ def _close(conn: Connection) -> Iterable[Judgment]:
     if conn.fallback is not None or conn.fastclose:
         return
     for cs, who in ((0, "initiator"), (1, "listener")):
-        acked = conn.data_fin_acked[cs]
-        if conn.data_fin[cs] is None:
+        acked, closing = conn.data_fin_acked[cs], conn.data_fin[cs]
+        if closing is None:
             continue
         for sub in conn.subflows:
+            if not sub.established:
+                continue  # a join refused or reset in its handshake was never a subflow to close
             mine = _sub_side(sub, cs)
             fin, rst = sub.fin_where[mine], sub.rst
-            reset_by_me = rst is not None and sub.rst_side == mine and (fin is None or rst.time < fin.time)
+            # Only a reset at close counts: one before this host's DATA_FIN ended a failed subflow.
+            reset_by_me = (rst is not None and sub.rst_side == mine and (fin is None or rst.time < fin.time)
+                           and rst.time >= closing.time)
             if fin is not None and (rst is None or fin.time <= rst.time):
                 yield Judgment("R3.3.3-04", PASS, f"the {who} closes subflow {_ports(sub)} with a FIN", [fin])
                 if acked is not None:

@@ -135,6 +135,9 @@ class Connection:
     # Highest 64-bit DSN each side has mapped (end of its mappings), for expanding 32-bit values.
     dsn_end: list[int | None] = field(default_factory=lambda: [None, None])
     fallback: str | None = None  # why the connection runs as plain TCP, if it does
+    # Per side: where that side started sending without any MPTCP option (its third ACK, or data on
+    # the first subflow) and never sent one again: it fell back to plain TCP there (§3.1, §3.7).
+    bare_tail: list[Where | None] = field(default_factory=lambda: [None, None])
     echoed_key: int | None = None  # the listener's key as the initiator's third ACK echoes it
     first_time: float = 0.0
     last_time: float = 0.0
@@ -233,6 +236,18 @@ class ModelBuilder:
         # (src, sport, dst, dport) of each direction -> connection, subflow, [vantage of each side], side
         self._subflows: dict[tuple, tuple[Connection | None, Subflow, list, int]] = {}
         self._by_token: dict[int, tuple[Connection, int]] = {}
+
+    def finish(self) -> list[Connection]:
+        """The connections, once every capture is read: a side whose last segments speak no MPTCP
+        (from its third ACK, or from a data segment on) fell back to plain TCP there."""
+        for conn in self.connections:
+            if conn.fallback is None:
+                for side, who in ((0, "initiator"), (1, "listener")):
+                    tail = conn.bare_tail[side]
+                    if tail is not None:
+                        conn.fallback = f"the {who} sends no MPTCP option from {tail} on"
+                        break
+        return self.connections
 
     def feed(self, pcap: str, p: Packet) -> None:
         known = self._subflows.get((p.src, p.sport, p.dst, p.dport))  # keyed by direction: no side to work out
@@ -338,6 +353,11 @@ class ModelBuilder:
                 conn.mp_fail_at.append((where, self._conn_side(sub, side), f["dsn"], bool(flags & RST)))
             elif name == "MPTCPRst" and sub.rst_reason is None:
                 sub.rst_reason, sub.rst_reason_where = f["reason"], where
+        if conn is not None and sub.initial and not flags & (SYN | RST):
+            if p.options:
+                conn.bare_tail[side] = None
+            elif conn.bare_tail[side] is None and (p.payload_len or (side == 0 and sub.ack is None)):
+                conn.bare_tail[side] = where
         if conn is not None:
             conn_side = self._conn_side(sub, side)
             for observe in self.segment_observers:
@@ -452,4 +472,4 @@ def build(pcaps: Iterable[Path | str], observers: Iterable[OptionObserver] = (),
     for pcap in pcaps:
         for p in iter_pcap(pcap):
             builder.feed(str(pcap), p)
-    return builder.connections
+    return builder.finish()

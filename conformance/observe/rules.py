@@ -157,7 +157,7 @@ def check(pcaps: Iterable[Path | str], *, complete: bool = False) -> tuple[list[
     builder = ModelBuilder([observer], streams)
     for pcap, p in _merged([str(c) for c in pcaps]):
         builder.feed(pcap, p)
-    conns = builder.connections
+    conns = builder.finish()
     judgments = observer.judge(conns)
 
     def declared(rids: tuple[str, ...], name: str, j: Judgment) -> Judgment:

@@ -116,10 +116,15 @@ class _Maps:
 
 
 class _ConnMaps:
-    __slots__ = ("acked", "bytes", "conn", "first_data_done", "listener_dss", "n32", "n64", "span")
+    __slots__ = ("acked", "bare", "bare_first", "bytes", "conn", "first_data_done", "listener_dss", "n32", "n64",
+                 "span")
 
     def __init__(self) -> None:
         self.conn: Connection | None = None
+        # Data with no MPTCP option at all is a fallback if the sender never speaks MPTCP again
+        # (§3.7), a violation if it does: judged when it does, left unjudged at the end otherwise.
+        self.bare: list[list | None] = [None, None]  # per side: [first where, count]
+        self.bare_first: Where | None = None  # the initiator's first data, bare
         self.acked = [False, False]  # has the peer Data-ACKed any of this side's data yet (§3.7)
         self.first_data_done = False
         self.listener_dss = False
@@ -188,13 +193,17 @@ class MappingRules(StreamRules):
             # Any other MPTCP option from the listener (a DSS, an ADD_ADDR whose HMAC needs the
             # initiator's key) tells the initiator its third ACK arrived (§3.1).
             st.listener_dss = True
+        if p.options:
+            self._spoke_again(conn, st, cs)
         if not p.payload_len:
             return
         if cs == 0 and not st.first_data_done:
             st.first_data_done = True
             if not st.listener_dss:  # else the initiator may know its third ACK arrived
                 t = self.tally(conn, "R3.1-L01")
-                if mpc and mpc.get("receiver_key") is not None and mpc.get("data_level_length"):
+                if not p.options:
+                    st.bare_first = where
+                elif mpc and mpc.get("receiver_key") is not None and mpc.get("data_level_length"):
                     if mpc["receiver_key"] == conn.keys[1]:
                         t.ok(where)
                     else:
@@ -210,8 +219,24 @@ class MappingRules(StreamRules):
                 t = self.tally(conn, "R3.7-02")
                 if mapped or (mpc and mpc.get("data_level_length")):
                     t.ok(where)
+                elif not p.options:
+                    if st.bare[cs] is None:
+                        st.bare[cs] = [where, 0]
+                    st.bare[cs][1] += 1
                 else:
                     t.bad(where, f"a {p.payload_len}-byte segment with {_names(p)} and no mapping")
+
+    def _spoke_again(self, conn: Connection, st: _ConnMaps, cs: int) -> None:
+        """MPTCP options after data without any: that data was a violation, not a fallback."""
+        bare = st.bare[cs]
+        if bare is not None:
+            self.tally(conn, "R3.7-02").bad(bare[0], f"{bare[1]} data segment(s) with no MPTCP option at all, "
+                                                     "yet the sender speaks MPTCP again afterwards")
+            st.bare[cs] = None
+        if cs == 0 and st.bare_first is not None:
+            self.tally(conn, "R3.1-L01").bad(st.bare_first, "a data segment with no MPTCP option at all, yet the "
+                                                            "initiator speaks MPTCP again afterwards")
+            st.bare_first = None
 
     def _mapping(self, conn: Connection, st: _ConnMaps, maps: _Maps, where: Where, p: Packet, isn: int | None,
                  cs: int, dss: dict) -> None:
