@@ -7,7 +7,10 @@ import random
 
 import pytest
 
-pytestmark = pytest.mark.topology("two_path")
+from conformance.endpoints.linux import MptcpConfig
+
+# The scripted peer speaks IPv4 in the dual-stack variant too: on the wire it is the ipv4 case.
+pytestmark = [pytest.mark.topology("two_path"), pytest.mark.families("ipv4", "ipv6")]
 
 KB = 1000
 HANDSHAKE = [{"op": "syn", "options": [{"MPCapable": {"flags": 0x01}}]},
@@ -126,3 +129,94 @@ def test_fast_close_with_a_wrong_key_is_ignored(lab):
            seen=run.describe(run.first("R")) if run.first("R") else "none", rid="R3.5-L01")
     e.that(bool(run.server) and run.server.get("ok") is True, "and the connection completes normally",
            expected="data intact", seen={k: (run.server or {}).get(k) for k in ("ok", "mptcp")}, rid="R3.5-L01")
+
+
+# -- joins: the scripted client opens a second subflow from its second interface -----------------
+
+# A connection that is closing takes no joins (Linux: the MPTCP socket must be ESTABLISHED), and
+# the listener closes its side once it has sent: it holds its KB back for 2 s (JOINABLE), the join
+# comes first, and the script's last KB and the listener's data are exchanged after it (LAST).
+JOINABLE = {"expect": 2 * KB, "send": KB, "server_send_delay": 2.0}
+LAST = [{"op": "data", "size": KB, "mapping": "auto"}, {"op": "recv", "until": f"data:{KB}", "timeout": 4},
+        *CLOSE]
+
+
+def _joined(hmac: str = "good") -> list[dict]:
+    return [*HANDSHAKE, {"op": "join", "subflow": 1, "address_id": 1, "hmac": hmac}]
+
+
+@pytest.mark.rfc8684("R3.2-03", "R3.2-04")
+def test_join_handshake_with_our_hmacs(lab):
+    """A correct MP_JOIN SYN: the SYN/ACK carries MP_JOIN with a truncated HMAC that verifies with
+    Key-B||Key-A over R-B||R-A, and our third ACK (full HMAC) is answered with a plain ACK."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined("good"), {"op": "recv", "until": "quiet", "timeout": 1}, *LAST], **JOINABLE)
+    join = run.peer["joins"][0] if run.peer["joins"] else {}
+    sub1 = [s for s in run.received if s["subflow"] == 1]
+    synack = next((s for s in sub1 if "S" in s["flags"] and "A" in s["flags"]), None)
+    e = lab.expect
+    e.that(run.option(synack, "MPJoinSynAck") is not None and join.get("synack_hmac_ok") is True,
+           "the join SYN/ACK carries MP_JOIN whose truncated HMAC verifies", expected="MP_JOIN, HMAC verifies",
+           seen=f"{run.describe(synack)}; HMAC ok: {join.get('synack_hmac_ok')}", rid="R3.2-03")
+    after = [s for s in sub1 if s is not synack]
+    first = after[0] if after else None
+    e.that((first is not None and first["flags"] == "A" and not first["options"]) or (
+        first is not None and first["flags"] == "A" and all(n == "DSS" for n, _ in first["options"])),
+        "the third ACK is answered by a plain ACK", expected="ACK without MP_JOIN",
+        seen=run.describe(first), rid="R3.2-04")
+    e.counter(run.counters, "s1", "MPJoinAckRx", 1, rid="R3.2-04")
+    e.counter(run.counters, "s1", "MPJoinAckHMacFailure", 0, rid="R3.2-04")
+
+
+@pytest.mark.rfc8684("R3.2-10")
+@pytest.mark.parametrize("hmac", ["bad", "none"])
+def test_join_third_ack_without_a_valid_hmac_is_reset(lab, hmac):
+    """The join's third ACK with a corrupted HMAC, or without MP_JOIN: the subflow is reset."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined(hmac), {"op": "recv", "subflow": 1, "until": "rst", "timeout": 2}, *LAST],
+                     **JOINABLE)
+    rst = next((s for s in run.received if s["subflow"] == 1 and "R" in s["flags"]), None)
+    e = lab.expect
+    e.that(rst is not None, f"a join third ACK with {'a corrupted HMAC' if hmac == 'bad' else 'no MP_JOIN'} "
+           "draws a RST on that subflow", expected="RST", seen=run.describe(rst) if rst else "no RST",
+           rid="R3.2-10")
+    if hmac == "bad":
+        e.counter(run.counters, "s1", "MPJoinAckHMacFailure", 1, rid="R3.2-10")
+    e.that(bool(run.server) and run.server.get("ok") is True, "the connection itself goes on on the first subflow",
+           expected="data intact", seen={k: (run.server or {}).get(k) for k in ("ok", "mptcp")})
+
+
+@pytest.mark.rfc8684("R3.2-07", "R3.2-L04")
+def test_join_beyond_the_subflow_limit_is_reset(lab):
+    """The listener allows no additional subflow: a correct join SYN must be answered with a RST
+    (with MP_TCPRST 'administratively prohibited', reason 3, where the host says why)."""
+    lab.configure("s1", MptcpConfig(subflows=0))
+    run = lab.script([*_joined("good"), {"op": "recv", "subflow": 1, "until": "rst", "timeout": 2}, *LAST],
+                     **JOINABLE)
+    sub1 = [s for s in run.received if s["subflow"] == 1]
+    rst = next((s for s in sub1 if "R" in s["flags"]), None)
+    e = lab.expect
+    e.that(bool(sub1) and "R" in sub1[0]["flags"], "a join SYN beyond the limit is answered with a RST",
+           expected="RST to the SYN, no SYN/ACK", seen=run.describe(sub1[0]) if sub1 else "nothing",
+           rid="R3.2-07", deviation=lab.known_deviation("R3.2-07"))
+    e.that(rst is not None, "the refused subflow is reset", expected="RST",
+           seen=run.describe(rst) if rst else "none")
+    reason = run.option(rst, "MPTCPRst")
+    e.that(reason is not None and reason["reason"] == 3, "the RST says 'administratively prohibited'",
+           expected="MP_TCPRST reason 3", seen=run.describe(rst), rid="R3.2-L04")
+    e.counter(run.counters, "s1", "MPJoinRejected", 1)
+
+
+@pytest.mark.rfc8684("R3.5-L02")
+def test_fast_close_on_a_rst_resets_every_subflow(lab):
+    """A RST with MP_FASTCLOSE (the listener's key) on the first subflow: the listener resets the
+    other subflow too."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined("good"), {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 0.5},
+                      {"op": "rst", "options": [{"MPFastclose": {"receiver_key": "$server_key"}}]},
+                      {"op": "recv", "subflow": 1, "until": "rst", "timeout": 2}], **JOINABLE)
+    rst = next((s for s in run.received if s["subflow"] == 1 and "R" in s["flags"]), None)
+    e = lab.expect
+    e.that(rst is not None, "the listener resets the second subflow after a fast close on the first",
+           expected="RST on subflow 1", seen=run.describe(rst) if rst else "no RST", rid="R3.5-L02")
+    e.counter(run.counters, "s1", "MPFastcloseRx", 1, rid="R3.5-L02")

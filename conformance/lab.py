@@ -17,6 +17,7 @@ from conformance.endpoints.counters import delta, read_counters
 from conformance.endpoints.linux import MptcpConfig, configure, show_endpoints
 from conformance.errors import HarnessError
 from conformance.inject.run import ScriptRun, run_script
+from conformance.middlebox import Middlebox, Profile, attach
 from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
@@ -111,6 +112,13 @@ class Lab:
     def configure(self, node: str, cfg: MptcpConfig) -> None:
         configure(self.net[node], cfg)
 
+    def middlebox(self, profile: Profile | str, *, router: str = "r1", direction: str | None = None) -> Middlebox:
+        """Attach a middlebox profile (conformance.middlebox; a Profile or a built-in name) to
+        `router` ("all": every path's router), in `direction` ("c2s", "s2c", "both"; default the
+        profile's). It is removed with the topology; its counters land in the artefact folder."""
+        return attach(profile, self.net, cleanup=self.cleanup, router=router, direction=direction,
+                      folder=self.folder)
+
     def transfer(self, *, client: str | None = None, server: str | None = None, up: int = MB,
                  down: int = MB, mptcp_client: bool = True, mptcp_server: bool = True,
                  wait_subflows: int = 1, connect_to: str | None = None, timeout: float = 120,
@@ -175,6 +183,14 @@ class Lab:
         self.transfers.append(result)
         return result
 
+    def known_deviation(self, rid: str) -> str | None:
+        """Why the implementations under test are known to deviate from `rid` (deviations.yaml),
+        or None: a case passes it as `deviation=` to the check that judges `rid`."""
+        known = known_deviations()
+        why = "; ".join(f"{impl}: {known[impl][rid]}" for impl in sorted(set(self.implementations.values()))
+                        if rid in known.get(impl, {}))
+        return why or None
+
     def script(self, steps: list[dict], **kwargs) -> ScriptRun:
         """Play `steps` from a scripted MPTCP peer against a kernel listener (conformance.inject.run)."""
         return run_script(self, steps, **kwargs)
@@ -187,15 +203,13 @@ class Lab:
         # Every link of the topology is captured, so every subflow is in these captures.
         pcaps = [run.pcaps[i] for i in order]
         conns, judgments = check(pcaps, complete=True)
-        known = known_deviations()
         for j in judgments:
             if j.outcome == NOT_EXERCISED:
                 continue
             self.passive_ids.add(j.rid)
-            why = "; ".join(f"{impl}: {known[impl][j.rid]}" for impl in sorted(set(self.implementations.values()))
-                            if j.rid in known.get(impl, {}))
             self.expect.that(j.outcome == PASS, f"passive: {j.sentence}", expected="what RFC 8684 requires",
-                             seen=", ".join(str(w) for w in j.where[:3]) or "-", rid=j.rid, deviation=why or None)
+                             seen=", ".join(str(w) for w in j.where[:3]) or "-", rid=j.rid,
+                             deviation=self.known_deviation(j.rid))
         self._oracles(run, pcaps, conns, judgments)
 
     def _oracles(self, run: TransferRun, pcaps: list[Path], conns: list, judgments: list) -> None:

@@ -1,14 +1,16 @@
 """The scripted peer: an MPTCP client played packet by packet from a script (conformance.inject.script).
 
 Runs inside a host's network namespace (the Lab starts it there, with a netfilter rule that keeps
-that host's kernel from resetting the connection it has no socket for). Sends with scapy at layer
-3 out of one interface, listens with a sniffer on that interface, and tracks what a TCP/MPTCP
+that host's kernel from resetting the connection it has no socket for). Each subflow has its own
+path (source address, interface, the next hop's MAC as the host's kernel resolved it, so policy
+routing of multihomed hosts holds); frames go out with scapy at layer 2, a sniffer on the
+interfaces files the answers by port, and the peer tracks what a TCP/MPTCP
 endpoint must: sequence and acknowledgment numbers, both keys, tokens and IDSNs, whether MPTCP and
 DSS checksums were negotiated, the data sequence numbers each way. Every step's option values may
 name that state ("$server_key", ...), so a script says what to send, not how to compute it.
 
-    python -m conformance.inject.peer --script S.json --result R.json --src A --dst B --dport P
-        --sport Q --iface IF [--gw G]
+    python -m conformance.inject.peer --script S.json --result R.json --dst B --dport P --sport Q
+        --path SRC,IFACE,MAC [--path ...]
 
 The result: every segment sent and received (flags, numbers, payload length, MPTCP options as our
 codec decodes them) and the final state, as JSON."""
@@ -25,11 +27,11 @@ import time
 from pathlib import Path
 
 # Imported in the host's namespace (the Lab starts this module there): scapy reads that routing table.
-from scapy.all import IP, TCP, AsyncSniffer, IPv6, conf, send
+from scapy.all import IP, TCP, AsyncSniffer, Ether, IPv6, conf, sendp
 
 from conformance.endpoints.transfer import stream
 from conformance.inject.script import option_classes, validate
-from conformance.wire import DSS, MPCapable, crypto, mptcp_options
+from conformance.wire import DSS, MPCapable, MPJoinAck, MPJoinSyn, crypto, mptcp_options
 from conformance.wire.bulk import decode_option
 
 FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
@@ -47,22 +49,29 @@ def _jsonable(v):
     return v
 
 
-class Peer:
-    def __init__(self, src: str, dst: str, sport: int, dport: int, iface: str, gw: str | None,
-                 payload: bytes = b"") -> None:
+class Subflow:
+    """One TCP subflow of the peer: its own path (source address, interface, next hop's MAC), port
+    and sequence numbers."""
 
-        conf.verb = 0
-        self.v6 = ":" in dst
-        if gw:
-            if self.v6:
-                conf.route6.add(dst=f"{dst}/128", gw=gw, dev=iface)
-            else:
-                conf.route.add(host=dst, gw=gw, dev=iface)
-        self.IP, self.TCP = (IPv6 if self.v6 else IP), TCP
-        self.src, self.dst, self.sport, self.dport, self.iface = src, dst, sport, dport, iface
+    def __init__(self, index: int, src: str, iface: str, mac: str, sport: int) -> None:
+        self.index, self.src, self.iface, self.mac, self.sport = index, src, iface, mac, sport
         self.isn = random.randrange(2**32)
         self.snd_nxt = self.isn
         self.rcv_nxt: int | None = None
+        self.inbox: queue.Queue = queue.Queue()
+        self.last_sent = None
+        self.nonce = random.getrandbits(32)
+
+
+class Peer:
+    def __init__(self, paths: list[tuple[str, str, str]], dst: str, sport: int, dport: int,
+                 payload: bytes = b"") -> None:
+        """paths: (source address, interface, next hop's MAC) of each subflow the script may use."""
+        conf.verb = 0
+        self.v6 = ":" in dst
+        self.IP, self.TCP = (IPv6 if self.v6 else IP), TCP
+        self.dst, self.dport = dst, dport
+        self.subflows = [Subflow(i, src, iface, mac, sport + i) for i, (src, iface, mac) in enumerate(paths)]
         self.client_key = random.getrandbits(64) | 1
         self.server_key: int | None = None
         self.mptcp = False
@@ -72,13 +81,24 @@ class Peer:
         self.payload = payload
         self.data_ack: int | None = None  # the server's next DSN, from its IDSN and what arrived
         self.log: list[dict] = []
-        self.last_sent = None
-        self.inbox: queue.Queue = queue.Queue()
+        self.joins: list[dict] = []  # per join: what the SYN/ACK said and whether its HMAC verified
+        self.by_port = {sf.sport: sf for sf in self.subflows}
         ip = "ip6" if self.v6 else "ip"
-        self.sniffer = AsyncSniffer(iface=iface, store=False, prn=self.inbox.put,
-                                    filter=f"{ip} and tcp and src port {dport} and dst port {sport}")
+        ifaces = sorted({sf.iface for sf in self.subflows})
+        self.sniffer = AsyncSniffer(iface=ifaces if len(ifaces) > 1 else ifaces[0], store=False, prn=self._file,
+                                    filter=f"{ip} and tcp and src port {dport}")
         self.sniffer.start()
         time.sleep(0.3)  # the sniffer's socket must be open before the first answer can arrive
+
+    def _file(self, pkt) -> None:
+        if self.TCP in pkt and pkt[self.TCP].dport in self.by_port:
+            self.by_port[pkt[self.TCP].dport].inbox.put(pkt)
+
+    def sub(self, step: dict) -> Subflow:
+        i = step.get("subflow", 0)
+        if i >= len(self.subflows):
+            raise RuntimeError(f"subflow {i}: the peer has {len(self.subflows)} path(s)")
+        return self.subflows[i]
 
     # -- state as the script may name it
     def variables(self) -> dict[str, int | None]:
@@ -107,53 +127,51 @@ class Peer:
         return out
 
     # -- the wire
-    def send(self, flags: str, opts: list, payload: bytes = b"", mss: int | None = None,
+    def send(self, sf: Subflow, flags: str, opts: list, payload: bytes = b"", mss: int | None = None,
              seq_offset: int = 0) -> None:
         tcp_opts = ([("MSS", mss)] if mss else []) + list(opts)
-        seq = (self.snd_nxt + seq_offset) % 2**32
-        seg = self.TCP(sport=self.sport, dport=self.dport, flags=flags, seq=seq,
-                       ack=self.rcv_nxt or 0, window=65535, options=tcp_opts)
-        pkt = self.IP(src=self.src, dst=self.dst) / seg / payload
+        seq = (sf.snd_nxt + seq_offset) % 2**32
+        seg = self.TCP(sport=sf.sport, dport=self.dport, flags=flags, seq=seq,
+                       ack=sf.rcv_nxt or 0, window=65535, options=tcp_opts)
+        frame = Ether(dst=sf.mac) / self.IP(src=sf.src, dst=self.dst) / seg / payload
+        sendp(frame, iface=sf.iface, verbose=0)
+        sf.last_sent = frame
+        self._record(sf, "out", Ether(bytes(frame)))  # as it went out: options in their wire form
+        sf.snd_nxt = (sf.snd_nxt + len(payload) + (1 if "S" in flags or "F" in flags else 0)) % 2**32
 
-        send(pkt, iface=self.iface, verbose=0)
-        self.last_sent = pkt
-        self._record("out", self.IP(bytes(pkt)))  # as it went out: options in their wire form
-        self.snd_nxt = (self.snd_nxt + len(payload) + (1 if "S" in flags or "F" in flags else 0)) % 2**32
-
-    def _record(self, direction: str, pkt) -> dict:
-
+    def _record(self, sf: Subflow, direction: str, pkt) -> dict:
         tcp = pkt[self.TCP]
-        entry = {"dir": direction, "t": time.time(), "flags": _flags(int(tcp.flags)), "seq": tcp.seq,
-                 "ack": tcp.ack, "len": len(bytes(tcp.payload)), "window": tcp.window,
+        entry = {"dir": direction, "subflow": sf.index, "t": time.time(), "flags": _flags(int(tcp.flags)),
+                 "seq": tcp.seq, "ack": tcp.ack, "len": len(bytes(tcp.payload)), "window": tcp.window,
                  "options": [[n, {k: _jsonable(v) for k, v in f.items()}]
                              for n, f in (decode_option(bytes(o)) for o in mptcp_options(tcp))]}
         self.log.append(entry)
         return entry
 
-    def receive(self, timeout: float) -> tuple[dict, object] | None:
+    def receive(self, sf: Subflow, timeout: float) -> dict | None:
         try:
-            pkt = self.inbox.get(timeout=max(timeout, 0))
+            pkt = sf.inbox.get(timeout=max(timeout, 0))
         except queue.Empty:
             return None
-        entry = self._record("in", pkt)
+        entry = self._record(sf, "in", pkt)
         tcp = pkt[self.TCP]
-        if entry["flags"].count("S") and "A" in entry["flags"]:
-            self.rcv_nxt = (tcp.seq + 1) % 2**32
-        elif (entry["len"] or "F" in entry["flags"]) and (self.rcv_nxt is None or tcp.seq == self.rcv_nxt):
-            self.rcv_nxt = (tcp.seq + entry["len"] + (1 if "F" in entry["flags"] else 0)) % 2**32
+        if "S" in entry["flags"] and "A" in entry["flags"]:
+            sf.rcv_nxt = (tcp.seq + 1) % 2**32
+        elif (entry["len"] or "F" in entry["flags"]) and (sf.rcv_nxt is None or tcp.seq == sf.rcv_nxt):
+            sf.rcv_nxt = (tcp.seq + entry["len"] + (1 if "F" in entry["flags"] else 0)) % 2**32
         for name, f in entry["options"]:
             if name == "DSS" and f.get("data_level_length") and f.get("dsn") is not None and self.mptcp:
                 end = (f["dsn"] + f["data_level_length"]) % 2**64 if f["flags"] & 0x08 else None
                 if end is not None and (self.data_ack is None or 0 < (end - self.data_ack) % 2**64 < 2**63):
                     self.data_ack = end
-        return entry, pkt
+        return entry
 
     # -- steps
     def syn(self, step: dict) -> None:
-        self.send("S", self.options(step.get("options", [])), mss=step.get("mss", 1400))
+        sf = self.sub(step)
+        self.send(sf, "S", self.options(step.get("options", [])), mss=step.get("mss", 1400))
         deadline = time.monotonic() + step.get("wait", 2)
-        while (got := self.receive(deadline - time.monotonic())) is not None:
-            entry, _ = got
+        while (entry := self.receive(sf, deadline - time.monotonic())) is not None:
             if "R" in entry["flags"]:
                 return
             if "S" in entry["flags"] and "A" in entry["flags"]:
@@ -166,14 +184,48 @@ class Peer:
                     self.data_ack = (crypto.idsn(self.server_key) + 1) % 2**64
                 return
 
+    def join(self, step: dict) -> None:
+        """An MP_JOIN handshake on a new subflow: SYN with the server's token (or `token`), the
+        SYN/ACK's truncated HMAC checked, the third ACK with our HMAC ("good"), a corrupted one
+        ("bad") or no MP_JOIN at all ("none")."""
+        sf = self.sub(step)
+        if self.server_key is None:
+            raise RuntimeError("no MPTCP connection to join (no server key yet)")
+        token = step.get("token", crypto.token(self.server_key))
+        syn = MPJoinSyn(address_id=step.get("address_id", sf.index), backup=step.get("backup", 0),
+                        receiver_token=token, sender_random=sf.nonce)
+        self.send(sf, "S", [syn], mss=1400)
+        record = {"subflow": sf.index, "synack": False}
+        self.joins.append(record)
+        deadline = time.monotonic() + step.get("wait", 2)
+        while (entry := self.receive(sf, deadline - time.monotonic())) is not None:
+            if "R" in entry["flags"]:
+                return
+            if "S" in entry["flags"] and "A" in entry["flags"]:
+                break
+        else:
+            return
+        record["synack"] = True
+        answer = next((f for n, f in entry["options"] if n == "MPJoinSynAck"), None)
+        if answer is None:
+            return
+        record["synack_hmac_ok"] = crypto.verify_join_synack(
+            answer["sender_truncated_hmac"], self.server_key, self.client_key, answer["sender_random"], sf.nonce)
+        mac = crypto.join_hmac(self.client_key, self.server_key, sf.nonce, answer["sender_random"])[:20]
+        hmac = step.get("hmac", "good")
+        if hmac == "bad":
+            mac = bytes([mac[0] ^ 0xFF]) + mac[1:]
+        self.send(sf, "A", [] if hmac == "none" else [MPJoinAck(sender_hmac=mac)])
+        # The joined host acknowledges the third ACK (or resets the subflow).
+        self.receive(sf, step.get("wait", 2))
+
     def _next_payload(self, size: int) -> bytes:
         chunk = self.payload[self.sent_data:self.sent_data + size]
         return chunk + bytes(size - len(chunk))
 
-    def _dss(self, size: int, fin: bool = False) -> list:
-
+    def _dss(self, sf: Subflow, size: int, fin: bool = False) -> list:
         dsn = (crypto.idsn(self.client_key) + 1 + self.sent_data) % 2**64
-        ssn = 0 if fin and not size else (self.snd_nxt - self.isn) % 2**32
+        ssn = 0 if fin and not size else (sf.snd_nxt - sf.isn) % 2**32
         length = size + (1 if fin else 0)
         fields = {"flags": "AaMm" + ("F" if fin else ""), "data_ack": self.data_ack, "dsn": dsn, "ssn": ssn,
                   "data_level_length": length}
@@ -182,11 +234,10 @@ class Peer:
         return [DSS(**fields)]
 
     def data(self, step: dict) -> None:
-        size = step["size"]
+        sf, size = self.sub(step), step["size"]
         if step.get("mapping") == "auto":
-            opts = self._dss(size)
+            opts = self._dss(sf, size)
         elif step.get("mapping") == "mpc":
-
             fields = {"flags": 0x81 if self.checksum else 0x01, "sender_key": self.client_key,
                       "receiver_key": self.server_key, "data_level_length": size}
             if self.checksum:
@@ -195,30 +246,32 @@ class Peer:
             opts = [MPCapable(**fields)]
         else:
             opts = self.options(step.get("options", []))
-        self.send("PA" if step.get("push", True) else "A", opts, self._next_payload(size))
+        self.send(sf, "PA" if step.get("push", True) else "A", opts, self._next_payload(size))
         self.sent_data += size
 
     def data_fin(self, step: dict) -> None:
-        opts = self.options(step["options"]) if "options" in step else self._dss(0, fin=True)
-        self.send("FA" if step.get("tcp_fin", True) else "A", opts)
+        sf = self.sub(step)
+        opts = self.options(step["options"]) if "options" in step else self._dss(sf, 0, fin=True)
+        self.send(sf, "FA" if step.get("tcp_fin", True) else "A", opts)
 
     def fin(self, step: dict) -> None:
-        self.send("FA", self.options(step.get("options", [])))
+        sf = self.sub(step)
+        self.send(sf, "FA", self.options(step.get("options", [])))
 
     def recv(self, step: dict) -> None:
+        sf = self.sub(step)
         until, timeout = step.get("until", "any"), step.get("timeout", 2)
         want = int(until[5:]) if until.startswith("data:") else None
         got_bytes = 0
         deadline = time.monotonic() + timeout
         while True:
-            got = self.receive(deadline - time.monotonic())
-            if got is None:
+            entry = self.receive(sf, deadline - time.monotonic())
+            if entry is None:
                 return
-            entry, _ = got
             got_bytes += entry["len"]
-            if (entry["len"] or "F" in entry["flags"]) and step.get("ack", True) and "R" not in entry["flags"]:
-                self.ack({})
             flags = entry["flags"]
+            if (entry["len"] or "F" in flags) and step.get("ack", True) and "R" not in flags:
+                self.ack({"subflow": sf.index})
             if until == "any" or (until == "fin" and "F" in flags) or (until == "rst" and "R" in flags):
                 return
             if want is not None and got_bytes >= want:
@@ -227,24 +280,26 @@ class Peer:
                 deadline = time.monotonic() + timeout
 
     def ack(self, step: dict) -> None:
+        sf = self.sub(step)
         if "options" in step:
             opts = self.options(step["options"])
         elif self.mptcp and self.data_ack is not None and any(e["dir"] == "in" and any(
                 n == "DSS" for n, _ in e["options"]) for e in self.log):
-
             opts = [DSS(flags="Aa", data_ack=self.data_ack)]
         else:
             opts = []
-        self.send("A", opts, seq_offset=step.get("seq_offset", 0))
+        self.send(sf, "A", opts, seq_offset=step.get("seq_offset", 0))
 
     def resend(self, step: dict) -> None:
-        if self.last_sent is None:
-            raise RuntimeError("nothing was sent yet")
-        send(self.last_sent, iface=self.iface, verbose=0)
-        self._record("out", self.IP(bytes(self.last_sent)))
+        sf = self.sub(step)
+        if sf.last_sent is None:
+            raise RuntimeError("nothing was sent on this subflow yet")
+        sendp(sf.last_sent, iface=sf.iface, verbose=0)
+        self._record(sf, "out", Ether(bytes(sf.last_sent)))
 
     def rst(self, step: dict) -> None:
-        self.send("R", self.options(step.get("options", [])), seq_offset=step.get("seq_offset", 0))
+        sf = self.sub(step)
+        self.send(sf, "R", self.options(step.get("options", [])), seq_offset=step.get("seq_offset", 0))
 
     def run(self, steps: list[dict]) -> dict:
         error = None
@@ -258,26 +313,31 @@ class Peer:
                 error = f"step {i + 1} ({step['op']}): {exc}"
                 break
         time.sleep(0.2)
-        while self.receive(0.05) is not None:  # late answers are part of the evidence too
-            pass
+        for sf in self.subflows:  # late answers are part of the evidence too
+            while self.receive(sf, 0.05) is not None:
+                pass
         self.sniffer.stop()
+        self.log.sort(key=lambda e: e["t"])
         return {"error": error, "segments": self.log, "mptcp": self.mptcp, "checksum": self.checksum,
-                "client_key": self.client_key, "server_key": self.server_key, "isn": self.isn,
-                "sport": self.sport}
+                "client_key": self.client_key, "server_key": self.server_key, "joins": self.joins,
+                "subflows": [{"src": sf.src, "iface": sf.iface, "sport": sf.sport, "isn": sf.isn}
+                             for sf in self.subflows]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="conformance.inject.peer")
-    for name in ("--script", "--result", "--src", "--dst", "--iface"):
+    for name in ("--script", "--result", "--dst"):
         ap.add_argument(name, required=True)
+    ap.add_argument("--path", action="append", required=True, metavar="SRC,IFACE,MAC",
+                    help="one per subflow the script may use: source address, interface, next hop's MAC")
     ap.add_argument("--dport", type=int, required=True)
-    ap.add_argument("--sport", type=int, required=True)
-    ap.add_argument("--gw")
+    ap.add_argument("--sport", type=int, required=True, help="the first subflow's port; the next ones count up")
     ap.add_argument("--payload-size", type=int, default=0, help="the bytes a transfer client would send")
     args = ap.parse_args(argv)
     steps = validate(json.loads(Path(args.script).read_text()), args.script)
     payload = b"".join(stream("client", args.payload_size))
-    result = Peer(args.src, args.dst, args.sport, args.dport, args.iface, args.gw, payload).run(steps)
+    paths = [tuple(p.split(",")) for p in args.path]
+    result = Peer(paths, args.dst, args.sport, args.dport, payload).run(steps)
     tmp = Path(args.result + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(args.result)

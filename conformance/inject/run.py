@@ -63,9 +63,11 @@ class ScriptRun:
 
 
 def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: str | None = None,
-               expect: int = 0, send: int = 0, mptcp_server: bool = True, timeout: float = 20) -> ScriptRun:
+               expect: int = 0, send: int = 0, mptcp_server: bool = True, timeout: float = 20,
+               server_send_delay: float = 0.0) -> ScriptRun:
     """Run `steps` (see conformance.inject.script) from `peer` against a kernel listener on
-    `server` that expects `expect` bytes and then sends `send`."""
+    `server` that expects `expect` bytes and sends `send` (after `server_send_delay` seconds: the
+    listener closes its side once it has sent, and a closing connection takes no joins)."""
     steps = validate(steps)
     peer = peer or lab.topo.client
     server = server or lab.topo.server
@@ -74,22 +76,24 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "script.json").write_text(json.dumps(steps, indent=1))
     family = 6 if lab.family == "ipv6" else 4
-    src = lab.topo.addresses(peer, family)[0]
     dst = lab.topo.addresses(server, family)[0]
-    iface = next(i for n, i in lab.topo.interfaces(peer))
+    netns = lab.net.netns(peer)
+    paths = [_path(netns, src, dst) for src in lab.topo.addresses(peer, family)]
     sport = random.randrange(20000, 60000)
     before = {n.name: read_counters(n.pid) for n in lab.net.nodes()}
     local = Cleanup()
     srv = None
     try:
         cap = Capture([(n, lab.net.netns(n), i) for n, i in lab.topo.interfaces()], folder, local)
-        _guard(lab.net.netns(peer), sport, family, local)
+        _guard(netns, sport, len(paths), family, local)
         srv = lab._start(server, "server", lab.listen_address(), port, send, expect, mptcp_server, 1, folder,
-                         local, timeout)
+                         local, timeout, send_delay=server_send_delay)
         argv = [sys.executable, "-m", "conformance.inject.peer", "--script", str(folder / "script.json"),
-                "--result", str(folder / "peer.json"), "--src", src, "--dst", dst, "--dport", str(port),
-                "--sport", str(sport), "--iface", iface, "--payload-size", str(expect)]
-        out = run(argv, netns=lab.net.netns(peer), timeout=timeout + 30, check=False)
+                "--result", str(folder / "peer.json"), "--dst", dst, "--dport", str(port),
+                "--sport", str(sport), "--payload-size", str(expect)]
+        for p in paths:
+            argv += ["--path", ",".join(p)]
+        out = run(argv, netns=netns, timeout=timeout + 30, check=False)
         (folder / "peer.out").write_text(out.stdout + out.stderr)
         if out.returncode != 0 or not (folder / "peer.json").exists():
             raise HarnessError(f"the scripted peer on {peer} failed (exit {out.returncode}): "
@@ -114,10 +118,26 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
     return result
 
 
-def _guard(netns: str, sport: int, family: int, cleanup: Cleanup) -> None:
+def _path(netns: str, src: str, dst: str) -> tuple[str, str, str]:
+    """(source, interface, next hop's MAC) as the host's kernel routes `src` -> `dst` (policy
+    routing included); the neighbour entry is made by one ping if the kernel has none yet."""
+    route = json.loads(run(["ip", "-j", "route", "get", dst, "from", src], netns=netns).stdout)[0]
+    dev, hop = route["dev"], route.get("gateway", dst)
+    run(["ping", "-c", "1", "-W", "1", "-I", src, hop], netns=netns, check=False)
+    for _ in range(20):
+        neigh = json.loads(run(["ip", "-j", "neigh", "show", hop, "dev", dev], netns=netns).stdout or "[]")
+        mac = next((n["lladdr"] for n in neigh if n.get("lladdr")), None)
+        if mac:
+            return src, dev, mac
+        time.sleep(0.05)
+    raise HarnessError(f"no neighbour entry for {hop} on {dev} in {netns}: cannot address frames to it")
+
+
+def _guard(netns: str, sport: int, count: int, family: int, cleanup: Cleanup) -> None:
     """Keep the peer host's kernel from resetting a connection it has no socket for."""
     tool = "ip6tables" if family == 6 else "iptables"
-    rule = ["OUTPUT", "-p", "tcp", "--sport", str(sport), "--tcp-flags", "RST", "RST", "-m", "comment",
+    ports = f"{sport}:{sport + count - 1}"
+    rule = ["OUTPUT", "-p", "tcp", "--sport", ports, "--tcp-flags", "RST", "RST", "-m", "comment",
             "--comment", f"{run_prefix()}-peer-guard", "-j", "DROP"]
     run([tool, "-I", *rule], netns=netns)
     cleanup.defer(f"remove the peer's RST guard in {netns}", lambda: run([tool, "-D", *rule], netns=netns,

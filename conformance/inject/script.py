@@ -2,7 +2,12 @@
 
 A step is `{"op": ..., ...}`:
 
+Every step but sleep takes `subflow` (default 0): which of the peer's paths it acts on.
+
   syn      send a SYN; `options`: MPTCP options (below), `wait` seconds for the SYN/ACK (default 2)
+  join     an MP_JOIN handshake on a new subflow: SYN with the server's token (or `token`),
+           `address_id`, `backup`; the SYN/ACK's HMAC is checked; the third ACK carries our HMAC,
+           `hmac: "bad"` a corrupted one, `"none"` no MP_JOIN
   ack      send a pure ACK acknowledging what arrived; `options`
   data     send `size` bytes of payload; `options`, or `mapping: "auto"` for a DSS mapping (and
            Data ACK) from the tracked data sequence state, `mapping: "mpc"` for MP_CAPABLE with
@@ -31,14 +36,15 @@ from conformance.errors import InputError
 from conformance.wire import options as wire_options
 
 OPS = {
-    "syn": {"options", "wait", "mss"},
-    "ack": {"options", "seq_offset"},
-    "data": {"size", "options", "mapping", "push"},
-    "data_fin": {"options", "tcp_fin"},
-    "fin": {"options"},
-    "recv": {"timeout", "until", "ack"},
-    "rst": {"options", "seq_offset"},
-    "resend": set(),
+    "syn": {"options", "wait", "mss", "subflow"},
+    "join": {"subflow", "address_id", "backup", "token", "hmac", "wait"},
+    "ack": {"options", "seq_offset", "subflow"},
+    "data": {"size", "options", "mapping", "push", "subflow"},
+    "data_fin": {"options", "tcp_fin", "subflow"},
+    "fin": {"options", "subflow"},
+    "recv": {"timeout", "until", "ack", "subflow"},
+    "rst": {"options", "seq_offset", "subflow"},
+    "resend": {"subflow"},
     "sleep": {"seconds"},
 }
 VARIABLES = {"$client_key", "$server_key", "$server_token", "$client_idsn", "$server_idsn", "$data_ack", "$dsn",
@@ -82,6 +88,11 @@ def validate(steps: object, source: str = "script") -> list[dict]:
             for k, v in fields.items():
                 if isinstance(v, str) and v.startswith("$") and v not in VARIABLES:
                     raise InputError(f"{where} ({op}): option {n + 1} ({name}).{k}: unknown variable {v}")
+        if "subflow" in step and (not isinstance(step["subflow"], int) or isinstance(step["subflow"], bool)
+                                  or not 0 <= step["subflow"] < 8):
+            raise InputError(f"{where} ({op}): subflow must be a path index from 0 to 7")
+        if op == "join" and step.get("hmac", "good") not in ("good", "bad", "none"):
+            raise InputError(f"{where} (join): hmac must be 'good', 'bad' or 'none'")
         if op == "data" and (not isinstance(step.get("size"), int) or step["size"] <= 0):
             raise InputError(f"{where} (data): size must be a positive number of bytes")
         if op == "data" and step.get("mapping") not in (None, "auto", "mpc"):

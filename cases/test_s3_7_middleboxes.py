@@ -1,0 +1,278 @@
+"""RFC 8684 §3.7 and §6: kernel against kernel through middleboxes on the routers (conformance.middlebox).
+
+Each case attaches a profile to one path's router, runs a transfer, and judges both ends from
+both sides of the middlebox: what a host sent (the capture before the middlebox) and what it
+received (the capture after it). The middlebox's own counters prove it acted."""
+
+import pytest
+
+from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
+from conformance.errors import CapabilityMissing
+from conformance.lab import MB
+from conformance.middlebox import Middlebox, profile
+from conformance.observe.wire import describe, handshakes, only_handshake
+
+pytestmark = pytest.mark.topology("two_path")
+
+MIDDLEBOX_RESET = 0x06  # MP_TCPRST reason "Middlebox interference" (§3.6)
+
+def _attach(lab, prof, **where) -> Middlebox:
+    try:
+        return lab.middlebox(prof, **where)
+    except CapabilityMissing as exc:
+        pytest.skip(f"this machine cannot run the case: {exc}")
+
+
+def _handshakes(run):
+    """The first subflow's handshake at the client (c1-eth0) and at the server (s1-eth0)."""
+    return (only_handshake(run.segments("c1-eth0"), "c1-eth0"), only_handshake(run.segments("s1-eth0"), "s1-eth0"))
+
+
+def _sent_with_options(segments, src, after_frame):
+    return [s for s in segments if s.src == src and s.frame > after_frame and s.options]
+
+
+def _fallback_reports(e, run, rid):
+    for role, report in (("client", run.client), ("server", run.server)):
+        e.that(report.get("fallback") is True, f"the {role}'s socket runs as plain TCP (no MPTCP_INFO)",
+               expected="fallback", seen={k: report.get(k) for k in ("fallback", "mptcp")}, rid=rid)
+
+
+@pytest.mark.families("ipv4", "ipv6")
+@pytest.mark.rfc8684("R3.7-01", "R3.1-29", "R3.1-30")
+def test_syn_stripped_falls_back_to_tcp(lab):
+    """A middlebox strips MP_CAPABLE from the client's SYN: the listener answers as plain TCP and
+    the client continues as plain TCP."""
+    box = _attach(lab, "strip-mptcp-syn", router="r1")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    sent, seen = _handshakes(run)
+    offered = [s for s in sent.stream if s.has("S") and not s.has("A") and s.mptcp("MP_CAPABLE")]
+    e.that(bool(offered), "the client's SYN offers MP_CAPABLE", expected="MP_CAPABLE", seen=describe(sent.syn))
+    e.that(not seen.syn.options, "the SYN reaches the listener without MPTCP options", expected="none",
+           seen=describe(seen.syn))
+    box.expect_acted(e, at_least=len(offered), at_most=len(offered))
+    e.that(not seen.synack.mptcp("MP_CAPABLE"), "the listener's SYN/ACK carries no MP_CAPABLE",
+           expected="no MP_CAPABLE", seen=describe(seen.synack), rid="R3.1-30")
+    later = _sent_with_options(sent.stream, sent.syn.src, sent.synack.frame)
+    e.that(not later, "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", expected="none",
+           seen=describe(later[0]) if later else "none", rid="R3.1-29")
+    later = _sent_with_options(seen.stream, seen.syn.dst, seen.syn.frame)
+    e.that(not later, "the listener sends no MPTCP option on the connection", expected="none",
+           seen=describe(later[0]) if later else "none", rid="R3.7-01")
+    _fallback_reports(e, run, "R3.7-01")
+    e.counter(run.counters, "c1", "MPCapableFallbackSYNACK", 1, rid="R3.1-29")
+    e.counter(run.counters, "s1", "MPCapableSYNRX", 0, rid="R3.1-30")
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.7-01", "R3.1-29", "R3.1-31")
+def test_synack_stripped_falls_back_to_tcp(lab):
+    """A middlebox strips MP_CAPABLE from the listener's SYN/ACK: the client falls back, and the
+    listener, whose third ACK then lacks MP_CAPABLE, falls back too."""
+    box = _attach(lab, "strip-mptcp-synack", router="r1")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    got, sent = _handshakes(run)
+    offered = [s for s in sent.stream if s.has("S") and s.has("A") and s.mptcp("MP_CAPABLE")]
+    e.that(bool(offered), "the listener's SYN/ACK carries MP_CAPABLE", expected="MP_CAPABLE",
+           seen=describe(sent.synack))
+    e.that(not got.synack.options, "the SYN/ACK reaches the client without MPTCP options", expected="none",
+           seen=describe(got.synack))
+    box.expect_acted(e, at_least=len(offered), at_most=len(offered))
+    later = _sent_with_options(got.stream, got.syn.src, got.synack.frame)
+    e.that(not later, "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", expected="none",
+           seen=describe(later[0]) if later else "none", rid="R3.1-29")
+    e.that(not sent.ack.mptcp("MP_CAPABLE"), "the third ACK reaches the listener without MP_CAPABLE",
+           expected="no MP_CAPABLE", seen=describe(sent.ack))
+    later = _sent_with_options(sent.stream, sent.syn.dst, sent.ack.frame)
+    e.that(not later, "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", expected="none",
+           seen=describe(later[0]) if later else "none", rid="R3.1-31")
+    _fallback_reports(e, run, "R3.7-01")
+    e.counter(run.counters, "c1", "MPCapableFallbackSYNACK", 1, rid="R3.1-29")
+    e.counter(run.counters, "s1", "MPCapableFallbackACK", 1, rid="R3.1-31")
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.1-31", "R3.1-33")
+def test_third_ack_stripped_listener_falls_back(lab):
+    """A middlebox strips MP_CAPABLE from the third ACK only: the listener falls back to plain TCP
+    (and the client follows once its data is ACKed without a Data ACK)."""
+    box = _attach(lab, "strip-mptcp-third-ack", router="r1")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    sent, got = _handshakes(run)
+    e.that(len(sent.ack.mptcp("MP_CAPABLE")) == 1, "the client's third ACK echoes both keys in MP_CAPABLE",
+           expected="MP_CAPABLE", seen=describe(sent.ack))
+    e.that(not got.ack.options, "the third ACK reaches the listener without MPTCP options", expected="none",
+           seen=describe(got.ack))
+    box.expect_acted(e, at_least=1, at_most=1)
+    later = _sent_with_options(got.stream, got.syn.dst, got.ack.frame)
+    e.that(not later, "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", expected="none",
+           seen=describe(later[0]) if later else "none", rid="R3.1-31")
+    e.that(run.server.get("fallback") is True, "the listener's socket runs as plain TCP", expected="fallback",
+           seen={k: run.server.get(k) for k in ("fallback", "mptcp")}, rid="R3.1-33")
+    e.counter(run.counters, "s1", "MPCapableFallbackACK", 1, rid="R3.1-31")
+    e.that(run.client.get("fallback") is True, "the client's socket follows into plain TCP", expected="fallback",
+           seen={k: run.client.get(k) for k in ("fallback", "mptcp")})
+    e.counter(run.counters, "c1", "MPCapableDataFallback", 1)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4", "ipv6")
+@pytest.mark.rfc8684("R3.7-05")
+def test_data_options_stripped_falls_back(lab):
+    """A middlebox strips MPTCP options from every data segment, both ways, after an intact
+    handshake. The client sends first (the server holds its data back), so its data is ACKed
+    without a Data ACK: on this lone first subflow it must drop to plain TCP, after one final
+    infinite mapping (§3.7)."""
+    box = _attach(lab, "strip-mptcp-data", router="r1")
+    run = lab.transfer(up=MB, down=MB, server_send_delay=0.5)
+    e = lab.expect
+    sent, got = _handshakes(run)
+    client = sent.syn.src
+    e.that(len(got.ack.mptcp("MP_CAPABLE")) == 1, "the third ACK (no data) reaches the listener with MP_CAPABLE",
+           expected="MP_CAPABLE", seen=describe(got.ack))
+    first = got.first_data(from_client=True)
+    e.that(first is not None and not first.options, "the client's first data reaches the listener without "
+           "MPTCP options", expected="none", seen=describe(first))
+    box.expect_acted(e)
+    data = [s for s in sent.stream if s.src == client and s.payload]
+    peer_data = next((s for s in sent.stream if s.src != client and s.payload), None)
+    bare_ack = next((s for s in sent.stream if data and s.src != client and s.has("A") and not s.has("S")
+                     and s.ack != data[0].seq and not s.mptcp("DSS")), None)
+    e.that(bool(data) and data[0].options and bare_ack is not None
+           and (peer_data is None or bare_ack.frame < peer_data.frame),
+           "the client's mapped data is ACKed without a Data ACK before any data reaches it",
+           expected="an ACK without DSS", seen=f"{describe(data[0] if data else None)}; then {describe(bare_ack)}")
+    plain = next((s for s in data if not s.options), None)
+    e.that(plain is not None and bare_ack is not None and plain.frame > bare_ack.frame,
+           "the client then drops to plain TCP: it sends data without MPTCP options",
+           expected="option-less data", seen=describe(plain), rid="R3.7-05")
+    back = _sent_with_options(sent.stream, client, plain.frame) if plain else []
+    e.that(not back, "once it sent plain data, the client sends no MPTCP option again", expected="none",
+           seen=describe(back[0]) if back else "none", rid="R3.7-05")
+    infinite = [s for s in sent.stream if s.src == client
+                and any(o.get("data_level_length") == 0 for o in s.mptcp("DSS"))]
+    last = next((s for s in reversed(data) if s.options), None)
+    e.that(bool(infinite), "before dropping to TCP the client sends one infinite mapping (DSS, data-level "
+           "length 0)", expected="a DSS mapping of length 0",
+           seen=describe(infinite[0]) if infinite else f"none; its last mapping: {describe(last)}",
+           rid="R3.7-05", deviation=lab.known_deviation("R3.7-05"))
+    _fallback_reports(e, run, None)
+    e.counter(run.counters, "c1", "MPCapableDataFallback", 1)
+    e.counter(run.counters, "s1", "DssFallback", 1)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R6-01", "R3.9.3-01", "R3.1-32")
+def test_mptcp_syn_blackholed_retries_plain_tcp(lab):
+    """A firewall drops SYNs that carry MPTCP options: after its MP_CAPABLE SYNs go unanswered the
+    client retries with a plain SYN and the transfer completes as plain TCP."""
+    box = _attach(lab, "drop-mptcp-syn", router="r1")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    sent = run.segments("c1-eth0")
+    syns = [s for s in sent if s.has("S") and not s.has("A")]
+    mpc = [s for s in syns if s.mptcp("MP_CAPABLE")]
+    plain = next((s for s in syns if not s.options), None)
+    box.expect_acted(e, at_least=max(len(mpc), 1), at_most=max(len(mpc), 1))
+    e.that(bool(mpc) and plain is not None and plain.frame > mpc[-1].frame,
+           "after its MP_CAPABLE SYNs go unanswered the client sends a SYN without MPTCP options",
+           expected="MP_CAPABLE SYN(s), then a plain SYN",
+           seen=f"{len(mpc)} MP_CAPABLE SYN(s), then {describe(plain)}", rid="R3.9.3-01")
+    hs = only_handshake(run.segments("s1-eth0"), "s1-eth0")
+    e.that(not hs.syn.options and not hs.synack.options, "the connection is opened by the plain SYN",
+           expected="plain SYN and SYN/ACK", seen=f"{describe(hs.syn)}; {describe(hs.synack)}", rid="R6-01")
+    e.that(plain is not None, f"the client retried MP_CAPABLE {max(len(mpc) - 1, 0)} time(s) before plain TCP "
+           "(informational)", expected="any number", seen=f"{len(mpc)} MP_CAPABLE SYN(s)", rid="R3.1-32")
+    _fallback_reports(e, run, "R6-01")
+    e.counter(run.counters, "c1", "MPCapableSYNTXDrop", 1)
+    e.counter(run.counters, "c1", "Blackhole", 1)
+    run.expect_intact(e)
+
+
+def _two_subflows(lab):
+    second = lab.addresses("c1")[1]
+    lab.configure("s1", MptcpConfig(subflows=2))
+    lab.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
+                                                                      dev="c1-eth1")]))
+
+
+def _join(segments, where):
+    found = [h for h in handshakes(segments) if h.syn.mptcp("MP_JOIN")]
+    if len(found) != 1:
+        pytest.fail(f"{where}: expected one MP_JOIN handshake, found {len(found)}")
+    return found[0]
+
+
+def _stays_mptcp(e, run):
+    e.that(run.client.get("mptcp") is True and run.client.get("fallback") is False,
+           "the connection stays MPTCP on the first path", expected="MPTCP",
+           seen={k: run.client.get(k) for k in ("fallback", "mptcp")})
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.2-11", "R3.2-12")
+def test_join_synack_stripped_subflow_is_reset(lab):
+    """On the second path a middlebox strips MP_JOIN from the SYN/ACK: the client must reset that
+    subflow; the connection carries on over the first path."""
+    _two_subflows(lab)
+    box = _attach(lab, "strip-mptcp-synack", router="r2")
+    run = lab.transfer(up=MB, down=MB, wait_subflows=2)
+    e = lab.expect
+    got, sent = _join(run.segments("c1-eth1"), "c1-eth1"), _join(run.segments("s1-eth0"), "s1-eth0")
+    e.that(len(sent.synack.mptcp("MP_JOIN")) == 1, "the server's join SYN/ACK carries MP_JOIN", expected="MP_JOIN",
+           seen=describe(sent.synack))
+    e.that(not got.synack.options, "the join SYN/ACK reaches the client without MPTCP options", expected="none",
+           seen=describe(got.synack))
+    box.expect_acted(e, at_least=1, at_most=1)
+    reply = next((s for s in got.stream if s.src == got.syn.src and s.frame > got.synack.frame), None)
+    e.that(reply is not None and reply.has("R"), "the client answers that SYN/ACK with a RST", expected="RST",
+           seen=describe(reply), rid="R3.2-11")
+    joined = [s for s in got.stream if s.src == got.syn.src and s.mptcp("MP_JOIN") and not s.has("S")]
+    e.that(not joined, "the client never completes the join (no third ACK with MP_JOIN)", expected="none",
+           seen=describe(joined[0]) if joined else "none", rid="R3.2-12")
+    e.counter(run.counters, "c1", "MPJoinSynAckRx", 0, rid="R3.2-12")
+    _stays_mptcp(e, run)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.7-06", "R3.7-07")
+def test_join_losing_options_is_reset(lab):
+    """On the second path a middlebox strips every MPTCP option once the join handshake is done:
+    the host receiving unmapped data on that subflow resets it with MP_TCPRST "Middlebox
+    interference"; the data arrives intact over the first path."""
+    _two_subflows(lab)
+    box = _attach(lab, profile("strip-mptcp-all", from_packet=5), router="r2")
+    run = lab.transfer(up=MB, down=MB, wait_subflows=2)
+    e = lab.expect
+    # Each host's view of the join: what it received (after r2), what it sent (before r2).
+    client_side = _join(run.segments("c1-eth1"), "c1-eth1")
+    server_side = _join(run.segments("r2-eth1"), "r2-eth1")
+    client = client_side.syn.src
+    e.that(bool(client_side.ack.mptcp("MP_JOIN")) and bool(server_side.ack.mptcp("MP_JOIN")),
+           "the join handshake passes intact", expected="MP_JOIN third ACK", seen=describe(server_side.ack))
+    box.expect_acted(e)
+    rst = next((s for s in client_side.stream + server_side.stream if s.has("R")), None)
+    if rst is None:
+        e.that(False, "the subflow that lost its options is reset", expected="a RST", seen="no RST", rid="R3.7-06")
+    else:
+        by_client = rst.src == client
+        at_sender = next(s for s in (client_side if by_client else server_side).stream if s.has("R"))
+        received = client_side if by_client else server_side
+        unmapped = next((s for s in received.stream if s.src != at_sender.src and s.payload
+                         and s.frame < at_sender.frame and not s.mptcp("DSS")), None)
+        e.that(unmapped is not None, f"the {'client' if by_client else 'server'} received data without a mapping "
+               "on the join before resetting it", expected="unmapped data", seen=describe(unmapped),
+               rid="R3.7-06")
+        reasons = [o.get("reason") for o in at_sender.mptcp("MP_TCPRST")]
+        e.that(reasons == [MIDDLEBOX_RESET], "the reset carries MP_TCPRST reason 0x06 (middlebox interference)",
+               expected="MP_TCPRST reason 6", seen=describe(at_sender), rid="R3.7-07")
+    _stays_mptcp(e, run)
+    e.counter(run.counters, "c1", "MPJoinSynAckRx", 1)
+    run.expect_intact(e)

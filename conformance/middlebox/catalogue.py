@@ -1,0 +1,49 @@
+"""The built-in middlebox profiles, by name: the option strippers, firewalls and rewriters of RFC
+8684 §3.7 and §6. `profile(name, **changes)` returns one, optionally varied (`from_packet=5`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conformance.middlebox.profile import (
+    ClampMss,
+    Drop,
+    Match,
+    Profile,
+    ProfileError,
+    RewritePayload,
+    Snat,
+    StripOption,
+)
+
+_STRIP = StripOption()
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile("strip-mptcp-syn", Match("syn", mptcp=True), _STRIP, "c2s",
+            description="removes MPTCP options from SYNs (a firewall normalising SYN options)"),
+    Profile("strip-mptcp-synack", Match("synack", mptcp=True), _STRIP, "s2c",
+            description="removes MPTCP options from SYN/ACKs"),
+    Profile("strip-mptcp-third-ack", Match("third-ack", mptcp=True), _STRIP, "c2s",
+            description="removes MPTCP options from the third ACK of the handshake only"),
+    Profile("strip-mptcp-data", Match("data", mptcp=True), _STRIP, "both",
+            description="removes MPTCP options from segments carrying data"),
+    Profile("strip-mptcp-pure-ack", Match("pure-ack", mptcp=True), _STRIP, "both",
+            description="removes MPTCP options from ACKs without data"),
+    Profile("strip-mptcp-all", Match("any", mptcp=True), _STRIP, "both",
+            description="removes MPTCP options from every segment (vary from_packet to start later)"),
+    Profile("drop-mptcp-syn", Match("syn", mptcp=True), Drop(), "c2s",
+            description="drops SYNs that carry an MPTCP option (a firewall blackholing them)"),
+    Profile("corrupt-data", Match("data", nth=5), RewritePayload(), "c2s",
+            description="flips one byte of the 5th data segment: TCP accepts it, a DSS checksum fails"),
+    Profile("clamp-mss", Match("any"), ClampMss(1200), "both",
+            description="clamps the MSS option of SYNs and SYN/ACKs to 1200"),
+    Profile("snat", Match("any"), Snat(), "c2s",
+            description="source NAT to the router's address, client ports rewritten to 20000-20999"),
+)}
+
+
+def profile(name: str, **changes: Any) -> Profile:
+    """The built-in profile `name`, with `changes` applied (validated) if any."""
+    if name not in PROFILES:
+        raise ProfileError(f"profile {name!r} not one of {', '.join(PROFILES)}")
+    return PROFILES[name].with_(**changes) if changes else PROFILES[name]
