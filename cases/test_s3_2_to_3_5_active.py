@@ -21,8 +21,11 @@ CLOSE = [{"op": "data_fin"}, {"op": "recv", "until": "fin", "timeout": 3}]
 ANNOUNCED = "198.18.77.1"  # an address of nobody: the listener may try to join it, never reach it
 
 
-def _add_addr(hmac, **extra) -> dict:
-    return {"AddAddr": {"address_id": 7, "address": ANNOUNCED, "truncated_hmac": hmac, **extra}}
+ANNOUNCED6 = "2001:db8:1:77::1"  # the same, for an IPv6 connection (a host joins within a family)
+
+
+def _add_addr(hmac, address: str = ANNOUNCED, **extra) -> dict:
+    return {"AddAddr": {"address_id": 7, "address": address, "truncated_hmac": hmac, **extra}}
 
 
 def _echoes(run) -> list[dict]:
@@ -220,3 +223,29 @@ def test_fast_close_on_a_rst_resets_every_subflow(lab):
     e.that(rst is not None, "the listener resets the second subflow after a fast close on the first",
            expected="RST on subflow 1", seen=run.describe(rst) if rst else "no RST", rid="R3.5-L02")
     e.counter(run.counters, "s1", "MPFastcloseRx", 1, rid="R3.5-L02")
+
+
+@pytest.mark.rfc8684("R3.4.1-08", "R3.4.1-15")
+def test_listener_joins_an_announced_address_at_the_right_port(lab):
+    """The scripted client announces an address without a port: the listener's join SYN goes to
+    the port of the subflow the ADD_ADDR came on. Announced again with the same ID and address but a
+    port: the listener tries that port too. (The address belongs to nobody: the SYNs are judged
+    where they leave the listener.)"""
+    from conformance.observe.segments import decode
+
+    lab.configure("s1", MptcpConfig(subflows=4, add_addr_accepted=4))
+    announced = ANNOUNCED6 if lab.family == "ipv6" else ANNOUNCED
+    run = lab.script([*HANDSHAKE, {"op": "ack", "options": [_add_addr("$hmac", announced)]},
+                      {"op": "recv", "until": "quiet", "timeout": 1.5},
+                      {"op": "ack", "options": [_add_addr("$hmac", announced, port=6000)]},
+                      {"op": "recv", "until": "quiet", "timeout": 1.5}, *LAST], **JOINABLE)
+    sport = run.peer["subflows"][0]["sport"]
+    syns = [s for s in decode(run.pcaps["s1-eth0"]) if s.dst == announced and s.mptcp("MP_JOIN")]
+    ports = sorted({s.dport for s in syns})
+    e = lab.expect
+    e.that(sport in ports, "the join to the port-less announced address goes to the carrying subflow's port",
+           expected=f"an MP_JOIN SYN to {announced}:{sport}", seen=f"MP_JOIN SYNs to ports {ports}",
+           rid="R3.4.1-08")
+    e.that(6000 in ports, "the address announced again with port 6000 is tried at that port",
+           expected=f"an MP_JOIN SYN to {announced}:6000", seen=f"MP_JOIN SYNs to ports {ports}", rid="R3.4.1-15")
+    e.counter(run.counters, "s1", "PortAdd", 1, rid="R3.4.1-15")
