@@ -11,7 +11,8 @@ from conformance.inject.script import OPS, validate
 
 def test_a_good_script_passes_unchanged():
     steps = [{"op": "syn", "options": [{"MPCapable": {"version": 1, "flags": 0x81}}], "wait": 1},
-             {"op": "ack", "options": [{"MPCapable": {"sender_key": "$client_key", "receiver_key": "$server_key"}}]},
+             {"op": "ack", "options": [{"MPCapable": {"sender_key": "$client_key",
+                                                      "receiver_key": "$server_key"}}]},
              {"op": "data", "size": 100, "mapping": "auto"}, {"op": "resend"}, {"op": "data_fin"},
              {"op": "fin"}, {"op": "recv", "until": "data:100", "timeout": 2}, {"op": "sleep", "seconds": 0.1},
              {"op": "rst", "options": [{"MPTCPRst": {"reason": 1}}]}]
