@@ -249,3 +249,20 @@ def test_listener_joins_an_announced_address_at_the_right_port(lab):
     e.that(6000 in ports, "the address announced again with port 6000 is tried at that port",
            expected=f"an MP_JOIN SYN to {announced}:6000", seen=f"MP_JOIN SYNs to ports {ports}", rid="R3.4.1-15")
     e.counter(run.counters, "s1", "PortAdd", 1, rid="R3.4.1-15")
+
+
+@pytest.mark.rfc8684("R3.6-08")
+def test_mp_tcprst_undefined_flags_are_ignored(lab):
+    """A RST with MP_TCPRST whose undefined flags U, V, W are set closes the join subflow like any
+    RST with MP_TCPRST: the listener counts it and the connection goes on over the first subflow."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined("good"), {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 0.5},
+                      {"op": "rst", "subflow": 1, "options": [{"MPTCPRst": {"flags": 0x0E, "reason": 1}}]},
+                      {"op": "recv", "until": "quiet", "timeout": 0.5}, *LAST], **JOINABLE)
+    e = lab.expect
+    e.counter(run.counters, "s1", "MPRstRx", 1, rid="R3.6-08")
+    e.that(run.first("R") is None, "no RST on the first subflow follows", expected="none",
+           seen=run.describe(run.first("R")) if run.first("R") else "none", rid="R3.6-08")
+    e.that(bool(run.server) and run.server.get("ok") is True, "the connection completes over the first subflow",
+           expected="data intact both ways", seen={k: (run.server or {}).get(k) for k in ("ok", "mptcp")},
+           rid="R3.6-08")
