@@ -65,14 +65,14 @@ class Subflow:
 
 class Peer:
     def __init__(self, paths: list[tuple[str, str, str]], dst: str, sport: int, dport: int,
-                 payload: bytes = b"") -> None:
+                 payload: bytes = b"", client_key: int | None = None) -> None:
         """paths: (source address, interface, next hop's MAC) of each subflow the script may use."""
         conf.verb = 0
         self.v6 = ":" in dst
         self.IP, self.TCP = (IPv6 if self.v6 else IP), TCP
         self.dst, self.dport = dst, dport
         self.subflows = [Subflow(i, src, iface, mac, sport + i) for i, (src, iface, mac) in enumerate(paths)]
-        self.client_key = random.getrandbits(64) | 1
+        self.client_key = client_key if client_key is not None else random.getrandbits(64) | 1
         self.server_key: int | None = None
         self.mptcp = False
         self.checksum = False
@@ -223,20 +223,24 @@ class Peer:
         chunk = self.payload[self.sent_data:self.sent_data + size]
         return chunk + bytes(size - len(chunk))
 
-    def _dss(self, sf: Subflow, size: int, fin: bool = False) -> list:
+    def _dss(self, sf: Subflow, size: int, fin: bool = False, dsn_bits: int = 64,
+             checksum: str = "auto") -> list:
         dsn = (crypto.idsn(self.client_key) + 1 + self.sent_data) % 2**64
         ssn = 0 if fin and not size else (sf.snd_nxt - sf.isn) % 2**32
         length = size + (1 if fin else 0)
-        fields = {"flags": "AaMm" + ("F" if fin else ""), "data_ack": self.data_ack, "dsn": dsn, "ssn": ssn,
+        wire_dsn = dsn if dsn_bits == 64 else dsn % 2**32
+        flags = "AaM" + ("m" if dsn_bits == 64 else "") + ("F" if fin else "")
+        fields = {"flags": flags, "data_ack": self.data_ack, "dsn": wire_dsn, "ssn": ssn,
                   "data_level_length": length}
-        if self.checksum:
+        # The checksum is over the 64-bit DSN whatever the width sent (§3.3.1).
+        if checksum == "always" or (checksum == "auto" and self.checksum):
             fields["checksum"] = crypto.dss_checksum(dsn, ssn, length, self._next_payload(size))
         return [DSS(**fields)]
 
     def data(self, step: dict) -> None:
         sf, size = self.sub(step), step["size"]
         if step.get("mapping") == "auto":
-            opts = self._dss(sf, size)
+            opts = self._dss(sf, size, dsn_bits=step.get("dsn_bits", 64), checksum=step.get("checksum", "auto"))
         elif step.get("mapping") == "mpc":
             fields = {"flags": 0x81 if self.checksum else 0x01, "sender_key": self.client_key,
                       "receiver_key": self.server_key, "data_level_length": size}
@@ -333,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dport", type=int, required=True)
     ap.add_argument("--sport", type=int, required=True, help="the first subflow's port; the next ones count up")
     ap.add_argument("--payload-size", type=int, default=0, help="the bytes a transfer client would send")
+    ap.add_argument("--client-key", type=lambda v: int(v, 0), help="our MP_CAPABLE key (default: random)")
     args = ap.parse_args(argv)
     steps = validate(json.loads(Path(args.script).read_text()), args.script)
     payload = b"".join(stream("client", args.payload_size))
     paths = [tuple(p.split(",")) for p in args.path]
-    result = Peer(paths, args.dst, args.sport, args.dport, payload).run(steps)
+    result = Peer(paths, args.dst, args.sport, args.dport, payload, args.client_key).run(steps)
     tmp = Path(args.result + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(args.result)

@@ -64,10 +64,11 @@ class ScriptRun:
 
 def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: str | None = None,
                expect: int = 0, send: int = 0, mptcp_server: bool = True, timeout: float = 20,
-               server_send_delay: float = 0.0) -> ScriptRun:
+               server_send_delay: float = 0.0, client_key: int | None = None) -> ScriptRun:
     """Run `steps` (see conformance.inject.script) from `peer` against a kernel listener on
     `server` that expects `expect` bytes and sends `send` (after `server_send_delay` seconds: the
-    listener closes its side once it has sent, and a closing connection takes no joins)."""
+    listener closes its side once it has sent, and a closing connection takes no joins).
+    `client_key`: the peer's MP_CAPABLE key, e.g. one whose IDSN lies just below a 2^32 boundary."""
     steps = validate(steps)
     peer = peer or lab.topo.client
     server = server or lab.topo.server
@@ -93,6 +94,8 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
                 "--sport", str(sport), "--payload-size", str(expect)]
         for p in paths:
             argv += ["--path", ",".join(p)]
+        if client_key is not None:
+            argv += ["--client-key", hex(client_key)]
         out = run(argv, netns=netns, timeout=timeout + 30, check=False)
         (folder / "peer.out").write_text(out.stdout + out.stderr)
         if out.returncode != 0 or not (folder / "peer.json").exists():

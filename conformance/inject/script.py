@@ -10,7 +10,8 @@ Every step but sleep takes `subflow` (default 0): which of the peer's paths it a
            `hmac: "bad"` a corrupted one, `"none"` no MP_JOIN
   ack      send a pure ACK acknowledging what arrived; `options`
   data     send `size` bytes of payload; `options`, or `mapping: "auto"` for a DSS mapping (and
-           Data ACK) from the tracked data sequence state, `mapping: "mpc"` for MP_CAPABLE with
+           Data ACK) from the tracked data sequence state (`dsn_bits` 64 or 32; `checksum` "auto"
+           as negotiated, "always" or "never"), `mapping: "mpc"` for MP_CAPABLE with
            both keys and the data-level length (§3.1, data on the third ACK / first data)
   fin      send a TCP FIN (no MPTCP option unless `options`): closing a plain TCP connection
   data_fin send a DATA_FIN (DSS with F, SSN 0, length 1) with a TCP FIN if `tcp_fin` (default true)
@@ -39,7 +40,7 @@ OPS = {
     "syn": {"options", "wait", "mss", "subflow"},
     "join": {"subflow", "address_id", "backup", "token", "hmac", "wait"},
     "ack": {"options", "seq_offset", "subflow"},
-    "data": {"size", "options", "mapping", "push", "subflow"},
+    "data": {"size", "options", "mapping", "push", "subflow", "dsn_bits", "checksum"},
     "data_fin": {"options", "tcp_fin", "subflow"},
     "fin": {"options", "subflow"},
     "recv": {"timeout", "until", "ack", "subflow"},
@@ -97,6 +98,10 @@ def validate(steps: object, source: str = "script") -> list[dict]:
             raise InputError(f"{where} (data): size must be a positive number of bytes")
         if op == "data" and step.get("mapping") not in (None, "auto", "mpc"):
             raise InputError(f"{where} (data): mapping must be 'auto' or 'mpc'")
+        if op == "data" and step.get("dsn_bits", 64) not in (32, 64):
+            raise InputError(f"{where} (data): dsn_bits must be 32 or 64")
+        if op == "data" and step.get("checksum", "auto") not in ("auto", "always", "never"):
+            raise InputError(f"{where} (data): checksum must be 'auto', 'always' or 'never'")
         until = step.get("until", "any")
         if op == "recv" and not (until in UNTIL or (isinstance(until, str) and until.startswith("data:")
                                                      and until[5:].isdigit())):
