@@ -365,14 +365,6 @@ DEFECTS.update({
 })
 
 
-@pytest.mark.parametrize("rid", sorted(DEFECTS))
-def test_rule_fails_on_its_defect(tmp_path, rid):
-    judgments = _judge(tmp_path, DEFECTS[rid]())
-    failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
-    assert failed, (rid, [str(j) for j in judgments])
-    assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence
-
-
 def test_a_data_fin_takes_no_subflow_sequence_space(tmp_path):
     """A mapping with DATA_FIN covers its payload only at subflow level: data re-sent on the same
     subflow right after it (a reinjection, with another DSN) does not overlap it."""
@@ -394,3 +386,32 @@ def test_a_side_that_stops_speaking_mptcp_fell_back_and_is_not_judged_as_mptcp(t
     conns, judgments = check([path])
     assert conns[0].fallback and "initiator sends no MPTCP option" in conns[0].fallback
     assert not [str(j) for j in judgments if j.outcome == FAIL]
+
+
+def _withdrawn(then: list) -> list:
+    """connection() whose initiator withdraws the join's address (ID 1) with REMOVE_ADDR, then `then`."""
+    return [*connection(), _seg(C1, S, 40000, 80, "A", [RemoveAddr(address_ids=[1])], ack=5), *then]
+
+
+def _late(pkt, seconds: float):
+    pkt.time, pkt.fixed_time = 1_000_000_000 + seconds, True
+    return pkt
+
+
+PASSES.update({
+    "R3.4.2-09": lambda: _withdrawn([_seg(C2, S, 40000, 80, "R", [])]),
+    "R3.4.2-10": lambda: _withdrawn([_seg(C2, S, 40000, 80, "R", [])]),
+})
+DEFECTS.update({
+    "R3.4.2-09": lambda: _withdrawn([_seg(C2, S, 40000, 80, "FA", []), _seg(S, C2, 80, 40000, "FA", [])]),
+    "R3.4.2-10": lambda: _withdrawn([_late(_seg(C2, S, 40000, 80, "PA", [_dss("Aa", ack=IDSN_S + 1)], b"late"),
+                                           5.0)]),
+})
+
+
+@pytest.mark.parametrize("rid", sorted(DEFECTS))
+def test_rule_fails_on_its_defect(tmp_path, rid):
+    judgments = _judge(tmp_path, DEFECTS[rid]())
+    failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
+    assert failed, (rid, [str(j) for j in judgments])
+    assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence

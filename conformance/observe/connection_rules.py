@@ -348,6 +348,39 @@ def _infinite_after_fail(conn: Connection) -> Iterable[Judgment]:
             break
 
 
+def _removals(conn: Connection) -> Iterable[Judgment]:
+    """§3.4.2: the subflows of an address withdrawn by REMOVE_ADDR are reset (a courtesy to
+    middleboxes), and REMOVE_ADDR is never the only thing that ends a subflow still at work: its
+    owner closes it (FIN, or RST as above)."""
+    for e in conn.events:
+        if e.kind != "REMOVE_ADDR" or e.address_id is None:
+            continue
+        owner = 0 if e.from_initiator else 1
+        for sub in conn.subflows:
+            mine = _sub_side(sub, owner)
+            aid = 0 if sub.initial else sub.address_ids[mine]
+            if aid != e.address_id or not sub.established or sub.syn.time > e.where.time:
+                continue
+            reset, fin = sub.rst, sub.fin_where[mine]
+            ended = reset or fin
+            lingers = ended is None and sub.last_time > e.where.time + 2.0
+            if reset is not None:
+                yield Judgment("R3.4.2-09", PASS, f"subflow {_ports(sub)} of withdrawn address ID "
+                               f"{e.address_id} is reset", [e.where, reset])
+            elif fin is not None or lingers:
+                yield Judgment("R3.4.2-09", FAIL, f"subflow {_ports(sub)} of withdrawn address ID "
+                               f"{e.address_id} is " + ("closed by FIN" if fin else "still in use 2 s later")
+                               + ", not reset",
+                               [e.where, *([fin] if fin else [])])
+            if lingers:
+                yield Judgment("R3.4.2-10", FAIL, f"REMOVE_ADDR ID {e.address_id} is all that ends subflow "
+                               f"{_ports(sub)}, still at work 2 s later: no FIN or RST from its owner", [e.where])
+            elif ended is not None and (reset is None or sub.rst_side == mine or fin is not None):
+                how = "RST" if reset is not None else "FIN"
+                yield Judgment("R3.4.2-10", PASS, f"subflow {_ports(sub)} is ended by its owner ({how}), not by "
+                               f"REMOVE_ADDR ID {e.address_id} alone", [e.where, ended])
+
+
 # Each connection rule with the requirement IDs it judges (so the list of judged IDs is derived).
 CONNECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Connection], Iterable[Judgment]]], ...] = (
     (("R3.1-11",), _third_ack), (("R3.2-03",), _join_hmacs), (("R3.4.1-L01", "R3.4.1-L02"), _add_addr),
@@ -357,6 +390,7 @@ CONNECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Connection], Iterable[J
     (("R3.3.3-05", "R3.3.6-04", "R3.3.6-05"), _resets), (("R3.9.1-01", "R3.9.1-03"), _join_source_ports),
     (("R3.9.2-03",), _one_subflow_per_pair), (("R3.4.1-02",), _address_ids_per_sender),
     (("R3.4.1-06", "R3.4.2-07"), _address_courtesies), (("R3.7-14",), _infinite_after_fail),
+    (("R3.4.2-09", "R3.4.2-10"), _removals),
 )
 
 
