@@ -112,6 +112,19 @@ class Lab:
     def configure(self, node: str, cfg: MptcpConfig) -> None:
         configure(self.net[node], cfg)
 
+    # Link events, also from a transfer's during= callback (see conformance.net.network.Network).
+    def link_down(self, node: str, peer: str) -> None:
+        self.net.link_down(node, peer)
+
+    def link_up(self, node: str, peer: str) -> None:
+        self.net.link_up(node, peer)
+
+    def blackhole(self, path: str | int) -> None:
+        self.net.blackhole(path)
+
+    def unblackhole(self, path: str | int) -> None:
+        self.net.unblackhole(path)
+
     def middlebox(self, profile: Profile | str, *, router: str = "r1", direction: str | None = None) -> Middlebox:
         """Attach a middlebox profile (conformance.middlebox; a Profile or a built-in name) to
         `router` ("all": every path's router), in `direction` ("c2s", "s2c", "both"; default the

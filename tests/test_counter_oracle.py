@@ -540,7 +540,9 @@ def test_live_join_hmac_failures_on_both_sides(tmp_path):
                            netns=ns, timeout=30)
             results.update(json.loads(done.stdout.strip().splitlines()[-1]))
 
-        second = lab.transfer(up=2 * MB, down=2 * MB, during=during)
+        # Long enough (6 s at 8 Mbit/s) that the connection is still up when the injector, which
+        # first imports scapy, gets to it, also with other tests running beside this one.
+        second = lab.transfer(up=6 * MB, down=6 * MB, during=during)
         got = _judge(lab, second, nodes=("s1",))
     assert results == {"bad_hmac": "SA", "bad_hmac_ack": "R", "no_token": "RA"}, results
     _assert_all_agree(got, second)

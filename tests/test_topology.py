@@ -14,7 +14,6 @@ import pytest
 
 from conformance.errors import HarnessError, InputError, TopologyError
 from conformance.net.cleanup import Cleanup
-from conformance.net.links import netem_available
 from conformance.net.names import run_prefix
 from conformance.net.network import Network, network
 from conformance.net.nodes import read_sysctl
@@ -473,17 +472,6 @@ def test_bw_link_gets_htb():
         # Both ends of the four path links; the rs--s1 link carries no shape.
         assert shaped == {"c1-eth0", "c1-eth1", "r1-eth0", "r1-eth1", "r2-eth0", "r2-eth1",
                           "rs-eth0", "rs-eth1"}
-    _assert_no_leftovers()
-
-
-@needs_root
-def test_delay_without_netem_is_a_topology_error_and_leaves_nothing():
-    if netem_available():
-        pytest.skip("this kernel has netem")
-    with pytest.raises(TopologyError, match=r"delay=10(\.0)? ?(ms)? needs the netem qdisc") as exc, \
-            network(make_topology("two_path", delay="10ms")):
-        pytest.fail("the network came up with a delay and no netem")
-    assert "netem" in str(exc.value) and "doctor" in str(exc.value)
     _assert_no_leftovers()
 
 

@@ -100,7 +100,7 @@ def test_kernel_accepts_a_join_with_our_hmacs(tmp_path, corrupt):
             results["inject"] = _inject(lab, port, client_key, server_key, corrupt)
             results["server"] = delta(before, read_counters(lab.net["s1"].pid))
 
-        lab.transfer(up=3 * MB, down=3 * MB, during=during)
+        lab.transfer(up=6 * MB, down=6 * MB, during=during)  # still up when the injector has started
     finally:
         cleanup.run()
     inject, server = results["inject"], results["server"]

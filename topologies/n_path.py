@@ -6,7 +6,8 @@
 
 Path i uses 198.18.i.0/24 (client side) and 198.19.i.0/24 (server side), and 2001:db8:1:i::/64,
 2001:db8:2:i::/64 in IPv6. Parameters: n=1..8, multihomed=client|server|both,
-family=ipv4|ipv6|dual, bw= (Mbit/s).
+family=ipv4|ipv6|dual, and shaping of the path links: bw= (Mbit/s), delay= and jitter= (ms, or
+'10ms', '500us'), loss= (percent), max_queue_size= (packets).
 
     mn --custom topologies/n_path.py --topo n_path,n=4 --controller none
 """

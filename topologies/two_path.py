@@ -14,8 +14,10 @@ two_path_server (the server is multihomed, the client single-homed behind rc):
     c1 ---- rc ==== r1, r2 ==== s1-eth0 (198.19.1.2), s1-eth1 (198.19.2.2)
 
 IPv6 mirrors the plan under 2001:db8:1:<path>::/64 (client side) and 2001:db8:2:<path>::/64
-(server side). Parameters: family=ipv4|ipv6|dual, and link shaping bw= (Mbit/s; delay/loss need
-netem). Routers r<i> are where middleboxes attach.
+(server side). Parameters: family=ipv4|ipv6|dual, and shaping of the path links: bw= (Mbit/s),
+delay= and jitter= (ms, or '10ms', '500us'), loss= (percent), max_queue_size= (packets); without
+netem, delay, jitter and loss are emulated by conformance.net.emulation. Routers r<i> are where
+middleboxes attach.
 
     mn --custom topologies/two_path.py --topo two_path --controller none
     mn --custom topologies/two_path.py --topo two_path,family=dual --controller none

@@ -3,17 +3,20 @@
 The pair is created with netlink in node 1's namespace with its peer placed in node 2's, so our
 interfaces never appear in the root namespace (nothing to collide with a parallel run, nothing to
 leak there). Addresses come from the topology; segmentation offloads are turned off so captures
-show wire segments; shaping goes through conformance.net.shaping."""
+show wire segments; shaping goes through conformance.net.shaping, and, where the kernel has no
+netem, delay, jitter and loss through conformance.net.emulation (in netfilter, in the routers)."""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 
 from mininet.link import Intf, Link
 from pyroute2.ethtool.ioctl import IoctlEthtool
 
 from conformance.errors import TopologyError
+from conformance.net.emulation import Impairment, impair
 from conformance.net.shaping import LinkShape, apply_shape
 from conformance.proc import in_netns
 
@@ -46,11 +49,20 @@ def offloads_off(netns: str, ifname: str) -> None:
         raise TopologyError(f"{netns}/{ifname}: cannot turn off offloads {still}")
 
 
+# "fallback": emulate delay, jitter and loss with netfilter and the delay line even where netem exists.
+EMULATION_ENV = "MPTCP_CONFORMANCE_LINK_EMULATION"
+
+
 @functools.cache
 def netem_available() -> bool:
     from conformance.doctor import probe_qdisc
 
     return probe_qdisc("netem").ok
+
+
+def use_netem() -> bool:
+    """Whether delay, jitter and loss go to netem (the doctor's probe qdisc:netem) or to the fallback."""
+    return os.environ.get(EMULATION_ENV) != "fallback" and netem_available()
 
 
 class VethIntf(Intf):
@@ -68,9 +80,11 @@ class VethIntf(Intf):
                      flags=IFA_F_NODAD if a.version == 6 else 0)
         offloads_off(self.node.netns, self.name)
         ipr.link("set", index=index, state="up")
-        apply_shape(self.node.netns, self.name, shape,
-                    netem_available=netem_available() if shape.needs_netem else False)
+        netem = use_netem() if shape.needs_netem else False
+        apply_shape(self.node.netns, self.name, shape, netem_available=netem)
         self.shape = shape
+        # What netem did not take of the shape of the packets leaving here (VethLink emulates it).
+        self.unshaped = shape if shape.needs_netem and not netem else None
         v4 = [a for a in self.addrs if a.version == 4]
         if v4:  # what Mininet's CLI shows and pings
             self.ip, self.prefixLen = str(v4[0].ip), v4[0].network.prefixlen
@@ -89,6 +103,18 @@ class VethLink(Link):
         # Both ends must be ours whatever default interface class the caller (mn) passes.
         params["intf"] = VethIntf
         super().__init__(node1, node2, **params)
+        # Without netem, each direction's loss and delay are emulated in netfilter: as the packets
+        # leave a router, or as they arrive from an endpoint host (see conformance.net.emulation).
+        self.impairments: list[Impairment] = []
+        for sender, receiver in ((self.intf1, self.intf2), (self.intf2, self.intf1)):
+            if sender.unshaped is None:
+                continue
+            if getattr(sender.node, "role", "host") == "router":
+                imp = impair(sender.node, sender.name, "out", sender.unshaped)
+            else:
+                imp = impair(receiver.node, receiver.name, "in", sender.unshaped)
+            if imp is not None:
+                self.impairments.append(imp)
 
     @classmethod
     def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,

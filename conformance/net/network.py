@@ -1,4 +1,7 @@
-"""A running topology: Mininet with our node and link classes, owned by a Cleanup stack."""
+"""A running topology: Mininet with our node and link classes, owned by a Cleanup stack.
+
+Link events act on it while it runs (for instance from a transfer's `during=` callback):
+`link_down(node, peer)` / `link_up(node, peer)`, and `blackhole(path)` / `unblackhole(path)`."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from contextlib import contextmanager
 from mininet.log import setLogLevel
 from mininet.net import Mininet
 
-from conformance.errors import HarnessError
+from conformance.errors import HarnessError, TopologyError
 from conformance.net.cleanup import Cleanup, deferred_interrupts
+from conformance.net.emulation import delay_lines, owned_by, set_blackhole, set_link_state
 from conformance.net.links import VethIntf, VethLink
 from conformance.net.nodes import Host, NetnsNode
 from conformance.net.topo import MptcpTopo
@@ -30,7 +34,9 @@ class Network:
         self.mn = Mininet(topo=topo, controller=None, host=Host, link=VethLink, intf=VethIntf,
                           build=False, autoSetMacs=False, waitConnected=False)
         cleanup.defer("stop topology", self.stop)
-        with deferred_interrupts():
+        self.cleanup = cleanup
+        self._blackholed: set[str] = set()
+        with deferred_interrupts(), owned_by(cleanup):  # link emulation registers its own undo
             self.mn.build()
         for node in self.nodes():
             node.close_netlink()  # a netlink socket per node is a forked helper: release after build
@@ -51,6 +57,59 @@ class Network:
     @property
     def server(self) -> NetnsNode:
         return self.mn[self.topo.server]
+
+    # -- link events ----------------------------------------------------------------------------
+    def link(self, node: str, peer: str) -> tuple[VethIntf, VethIntf]:
+        """(the interface on `node`, the one on `peer`) of the link between them."""
+        found = []
+        for link in self.mn.links:
+            for a, b in ((link.intf1, link.intf2), (link.intf2, link.intf1)):
+                if a.node.name == node and b.node.name == peer:
+                    found.append((a, b))
+        if not found:
+            links = ", ".join(sorted(f"{lk.intf1.node.name}-{lk.intf2.node.name}" for lk in self.mn.links))
+            raise TopologyError(f"link {node}<->{peer}: no such link in this topology (links: {links})")
+        if len(found) > 1:
+            raise TopologyError(f"link {node}<->{peer}: {len(found)} links join these nodes")
+        return found[0]
+
+    def link_down(self, node: str, peer: str) -> None:
+        """Take the link between `node` and `peer` down mid-run: `node`'s end is set down, so
+        `peer` sees its carrier go, as when a cable is pulled at `node`. Nothing crosses the link
+        either way until link_up."""
+        mine, _ = self.link(node, peer)
+        set_link_state(self.netns(node), mine.name, up=False, routes=[])
+
+    def link_up(self, node: str, peer: str) -> None:
+        """Bring the link back; `node`'s routes through it, which the kernel dropped, are put back."""
+        mine, _ = self.link(node, peer)
+        routes = [r for r in self.topo.nodeInfo(node).get("routes", []) if r["dev"] == mine.name]
+        set_link_state(self.netns(node), mine.name, up=True, routes=routes)
+
+    def _path_router(self, path: str | int) -> str:
+        routers = list(self.topo.paths)
+        if isinstance(path, int) and not isinstance(path, bool) and 1 <= path <= len(routers):
+            return routers[path - 1]
+        if path in routers:
+            return path
+        raise TopologyError(f"path={path!r}: expected a path number 1..{len(routers)} or one of "
+                            f"{', '.join(routers)}")
+
+    def blackhole(self, path: str | int) -> None:
+        """Silently drop every IP packet reaching path `path`'s router (r<i>, or its number), both
+        ways: the links stay up, nothing gets through (ARP still answers)."""
+        router = self._path_router(path)
+        set_blackhole(self.netns(router), True)
+        if router not in self._blackholed:  # the rule also goes with the namespace; this says so
+            self._blackholed.add(router)
+            self.cleanup.defer(f"end blackhole of {router}", set_blackhole, self.netns(router), False)
+
+    def unblackhole(self, path: str | int) -> None:
+        set_blackhole(self.netns(self._path_router(path)), False)
+
+    def delay_stats(self) -> dict[str, dict]:
+        """What each node's delay line measured (packets, release error, drops), by node."""
+        return {name: line.stats() for name, line in delay_lines(self.nodes()).items()}
 
     def stop(self) -> None:
         if self.mn is not None:
