@@ -266,3 +266,43 @@ def test_mp_tcprst_undefined_flags_are_ignored(lab):
     e.that(bool(run.server) and run.server.get("ok") is True, "the connection completes over the first subflow",
            expected="data intact both ways", seen={k: (run.server or {}).get(k) for k in ("ok", "mptcp")},
            rid="R3.6-08")
+
+
+@pytest.mark.rfc8684("R3.4.2-08")
+def test_out_of_window_remove_addr_is_ignored(lab):
+    """REMOVE_ADDR for the join's address on a segment far outside the TCP window (RFC 5961):
+    the listener keeps the subflow."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined("good"), {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 0.3},
+                      {"op": "ack", "options": [{"RemoveAddr": {"address_ids": [1]}}], "seq_offset": 2**30},
+                      {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 1}, *LAST], **JOINABLE)
+    closed = next((s for s in run.received if s["subflow"] == 1 and ("R" in s["flags"] or "F" in s["flags"])),
+                  None)
+    e = lab.expect
+    e.that(closed is None, "the join subflow is not closed after an out-of-window REMOVE_ADDR",
+           expected="no RST or FIN on subflow 1", seen=run.describe(closed) if closed else "none", rid="R3.4.2-08")
+    e.counter(run.counters, "s1", "RmAddr", 0, rid="R3.4.2-08")
+
+
+@pytest.mark.rfc8684("R3.4.2-04")
+def test_remove_addr_of_a_live_subflow_is_probed_first(lab):
+    """REMOVE_ADDR naming the address of a subflow that still works: the listener should first probe
+    the path with a TCP keepalive (a segment at SND.NXT - 1) before it tears the subflow down."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    run = lab.script([*_joined("good"), {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 0.3},
+                      {"op": "ack", "options": [{"RemoveAddr": {"address_ids": [1]}}]},
+                      {"op": "recv", "subflow": 1, "until": "quiet", "timeout": 1.5}, *LAST], **JOINABLE)
+    removal = next(s for s in run.peer["segments"] if s["dir"] == "out" and any(
+        n == "RemoveAddr" for n, _ in s["options"]))
+    sub1 = [s for s in run.received if s["subflow"] == 1 and "S" not in s["flags"]]
+    before = [s for s in sub1 if s["t"] < removal["t"]]
+    after = [s for s in sub1 if s["t"] >= removal["t"]]
+    nxt = (before[-1]["seq"] + before[-1]["len"]) % 2**32 if before else None
+    probe = next((s for s in after if nxt is not None and s["seq"] == (nxt - 1) % 2**32), None)
+    closed = next((s for s in after if "R" in s["flags"] or "F" in s["flags"]), None)
+    lab.expect.that(probe is not None and (closed is None or probe["t"] <= closed["t"]),
+                    "a keepalive probe on the named subflow comes before any teardown",
+                    expected="a segment at SND.NXT - 1 before any RST/FIN",
+                    seen=(f"probe {run.describe(probe)}; " if probe else "no probe; ")
+                    + (f"teardown {run.describe(closed)}" if closed else "no teardown"),
+                    rid="R3.4.2-04", deviation=lab.known_deviation("R3.4.2-04"))
