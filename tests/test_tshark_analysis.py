@@ -324,7 +324,9 @@ def test_live_kernel_captures_show_no_disagreement(tmp_path):
         failed = [dataclasses.replace(j, outcome=FAIL) if j in holding else j for j in judgments]
         found = {d.rid for d in ta.compare_judgments(ordered, failed) if d.outcome == FAIL}
         assert found == {j.rid for j in holding}, (transfer, found)
-    assert set(examined) == {"MP_CAPABLE echoing the listener's key", "MP_CAPABLE crypto flags",
+    # Every kind of evidence was looked at (and, when retransmissions relate a segment to several
+    # mappings, the conflict check too: that depends on the run).
+    assert set(examined) >= {"MP_CAPABLE echoing the listener's key", "MP_CAPABLE crypto flags",
                              "data segments in tshark's mapping analysis", "joins matched to a connection",
                              "64-bit mappings placed by tshark's IDSN"}, examined
     assert examined["joins matched to a connection"] >= 2
