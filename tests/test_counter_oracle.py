@@ -429,8 +429,16 @@ def test_live_join_and_add_addr_with_retransmissions(tmp_path, family):
         a = got[(node, name)]
         assert a.implied >= at_least and a.kernel == a.implied, str(a)
     assert got[("s1", "EchoAdd")].implied == 0  # every echo was dropped on the way
-    # SYNs went twice (their SYN/ACKs were dropped) and still count once.
-    assert run.counters["s1"][P + "MPCapableSYNRX"] == 1 and run.counters["s1"][P + "MPJoinSynRx"] == 1
+    # Every other SYN/ACK is dropped (which ones depends on the order they come in), so SYNs go out
+    # again, and each subflow still counts once: as many MP_JOIN SYNs counted as distinct join
+    # subflows reached s1, whatever the number of SYNs sent.
+    from conformance.observe.segments import decode
+
+    joins = [x for intf, pcap in run.pcaps.items() if intf.startswith("s1-") for x in decode(pcap)
+             if x.flags & 0x12 == 0x02 and x.mptcp("MP_JOIN")]
+    subflows = {(x.src, x.sport) for x in joins}
+    assert run.counters["s1"][P + "MPCapableSYNRX"] == 1
+    assert run.counters["s1"][P + "MPJoinSynRx"] == len(subflows) <= len(joins), (len(subflows), len(joins))
     run.expect_intact(lab.expect)
     assert all(c.ok for c in lab.expect.checks if "received the peer's" in str(c))
 
