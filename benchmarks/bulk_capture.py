@@ -11,11 +11,18 @@ sys.path, so `.venv/bin/python benchmarks/<name>.py` finds it from any working d
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from conformance.errors import InputError
 from conformance.wire.bulk import pcap_stats
 
 TOPOLOGY = "two_path"
@@ -73,3 +80,41 @@ def make_capture(folder: Path, target: int, log: Callable[[str], None]) -> tuple
     if len(parts) > 2:
         notes.append(f"{len(parts) // 2} transfers merged")
     return merged, notes
+
+
+@contextlib.contextmanager
+def bench_run(name: str, pcap: Path | None, packets: int, keep: str | None,
+              log: Callable[[str], None]) -> Iterator[tuple[Path, Path, list[str]]]:
+    """One benchmark run: (scratch folder, the capture to measure, notes). The capture is `pcap`,
+    or one made here (root) with at least `packets` packets and copied to `keep` if asked. The
+    folder is removed afterwards and the run's namespace prefix released. A measurement that
+    cannot complete prints why (one line for a capture that cannot be read) and is swallowed: a
+    benchmark always exits 0; KeyboardInterrupt goes through, after the cleanup."""
+    folder: Path | None = None
+    try:
+        if pcap is not None:
+            folder = Path(tempfile.mkdtemp(prefix=f"mptcp-{name}-bench-"))
+            yield folder, pcap, []
+            return
+        from conformance.net.names import run_tmpdir
+
+        folder = run_tmpdir() / f"{name}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path, notes = make_capture(folder, packets, log)
+        if keep:
+            kept = Path(keep).resolve()
+            shutil.copyfile(path, kept)
+            notes.append(f"capture kept at {kept}")
+        yield folder, path, notes
+    except InputError as exc:  # a capture we cannot read: its one line says why
+        print(f"benchmark could not complete: {exc}", file=sys.stderr)
+    except Exception:  # a measurement that cannot run says why and still exits 0
+        print("benchmark could not complete:\n" + traceback.format_exc(), file=sys.stderr)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if pcap is None:
+            from conformance.net.names import release_run
+
+            with contextlib.suppress(Exception):
+                release_run()

@@ -45,12 +45,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulk_capture import MB, make_capture
+from bulk_capture import MB, bench_run
 
 from conformance.errors import InputError
 from conformance.wire.bulk import PcapStats, iter_pcap
@@ -301,64 +299,41 @@ def main(argv: list[str] | None = None) -> int:
 
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminate)
-    folder: Path | None = None
     try:
-        if args.pcap is not None:
-            folder = Path(tempfile.mkdtemp(prefix="mptcp-checker-bench-"))
-            path = args.pcap
-        else:
-            from conformance.net.names import run_tmpdir
+        with bench_run("checker", args.pcap, args.packets, args.keep, log) as (folder, path, made_notes):
+            notes += made_notes
+            if args.pcap is None:
+                for _ in iter_pcap(path, stats):  # the untimed read that warms the page cache
+                    pass
+            load = os.getloadavg()[0]
+            if load > 0.5:
+                notes.append(f"load average {load:.2f} on {os.cpu_count()} CPU(s) when timing began: "
+                             "other work shares the machine")
 
-            folder = run_tmpdir() / f"checker-{os.getpid()}"
-            folder.mkdir(parents=True, exist_ok=True)
-            path, notes = make_capture(folder, args.packets, log)
-            if args.keep:
-                kept = Path(args.keep).resolve()
-                shutil.copyfile(path, kept)
-                notes.append(f"capture kept at {kept}")
-            for _ in iter_pcap(path, stats):  # the untimed read that warms the page cache
+            prefix = folder / f"prefix.{stats.format}"
+            prefix_frames = max(1, stats.frames // PREFIX_SHARE)
+            write_prefix(path, prefix, prefix_frames, stats.format)
+            for _ in iter_pcap(prefix):  # warm too
                 pass
-        load = os.getloadavg()[0]
-        if load > 0.5:
-            notes.append(f"load average {load:.2f} on {os.cpu_count()} CPU(s) when timing began: "
-                         "other work shares the machine")
 
-        prefix = folder / f"prefix.{stats.format}"
-        prefix_frames = max(1, stats.frames // PREFIX_SHARE)
-        write_prefix(path, prefix, prefix_frames, stats.format)
-        for _ in iter_pcap(prefix):  # warm too
-            pass
-
-        full: dict[str, list[Run]] = {"ours": [], "tshark": []}
-        argvs = {"ours": ours_argv, "tshark": tshark_argv}
-        n = 0
-        for i in range(args.repeat):
-            order = ("ours", "tshark") if i % 2 == 0 else ("tshark", "ours")
-            for tool in order:
+            full: dict[str, list[Run]] = {"ours": [], "tshark": []}
+            argvs = {"ours": ours_argv, "tshark": tshark_argv}
+            n = 0
+            for i in range(args.repeat):
+                order = ("ours", "tshark") if i % 2 == 0 else ("tshark", "ours")
+                for tool in order:
+                    n += 1
+                    log(f"{tool} on the full file ({i + 1}/{args.repeat}) ...")
+                    full[tool].append(measure(tool, "full", argvs[tool](path), folder, n))
+            quarter: dict[str, Run] = {}
+            for tool in ("ours", "tshark"):
                 n += 1
-                log(f"{tool} on the full file ({i + 1}/{args.repeat}) ...")
-                full[tool].append(measure(tool, "full", argvs[tool](path), folder, n))
-        quarter: dict[str, Run] = {}
-        for tool in ("ours", "tshark"):
-            n += 1
-            log(f"{tool} on the first 1/{PREFIX_SHARE} ...")
-            quarter[tool] = measure(tool, f"1/{PREFIX_SHARE}", argvs[tool](prefix), folder, n)
-        print(render(path, stats, prefix_frames, full, quarter, notes))
+                log(f"{tool} on the first 1/{PREFIX_SHARE} ...")
+                quarter[tool] = measure(tool, f"1/{PREFIX_SHARE}", argvs[tool](prefix), folder, n)
+            print(render(path, stats, prefix_frames, full, quarter, notes))
     except KeyboardInterrupt:
         print("benchmarks/checker.py: interrupted; nothing measured", file=sys.stderr)
         return 130
-    except InputError as exc:  # the capture we made cannot be read: its one line says why
-        print(f"benchmark could not complete: {exc}", file=sys.stderr)
-    except Exception:  # a measurement that cannot run says why and still exits 0
-        print("benchmark could not complete:\n" + traceback.format_exc(), file=sys.stderr)
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if args.pcap is None:
-            from conformance.net.names import release_run
-
-            with contextlib.suppress(Exception):
-                release_run()
     return 0
 
 

@@ -27,19 +27,15 @@ The goal is bulk >= 2x tshark (options per second); this is a measurement, it al
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from bulk_capture import MB, make_capture
+from bulk_capture import MB, bench_run
 
-from conformance.errors import InputError
 from conformance.wire.bulk import PcapStats, iter_pcap, scapy_fields
 
 GOAL = 2.0
@@ -192,25 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    folder: Path | None = None
-    notes: list[str] = []
-    try:
-        if args.pcap is not None:
-            path = args.pcap
-        else:
-            if os.geteuid() != 0:
-                print("benchmarks/codec.py: making a capture needs root (namespaces, veth, tcpdump); "
-                      "nothing measured (or pass --pcap FILE)")
-                return 0
-            from conformance.net.names import run_tmpdir
-
-            folder = run_tmpdir() / f"codec-{os.getpid()}"
-            folder.mkdir(parents=True, exist_ok=True)
-            path, notes = make_capture(folder, args.packets, log)
-            if args.keep:
-                kept = Path(args.keep).resolve()
-                shutil.copyfile(path, kept)
-                notes.append(f"capture kept at {kept}")
+    if args.pcap is None and os.geteuid() != 0:
+        print("benchmarks/codec.py: making a capture needs root (namespaces, veth, tcpdump); "
+              "nothing measured (or pass --pcap FILE)")
+        return 0
+    with bench_run("codec", args.pcap, args.packets, args.keep, log) as (_, path, notes):
         stats = PcapStats()  # an untimed first pass: counts, and a warm page cache for every decoder alike
         for _ in iter_pcap(path, stats):
             pass
@@ -244,18 +226,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": "scapy", "label": "scapy (our classes)", "packets": p, "options": o,
                          "seconds": s, "note": "the whole file"})
         print(render(path, stats, rows, check, notes))
-    except InputError as exc:  # a capture we cannot read: its one line says why
-        print(f"benchmark could not complete: {exc}", file=sys.stderr)
-    except Exception:  # a measurement that cannot run says why and still exits 0
-        print("benchmark could not complete:\n" + traceback.format_exc(), file=sys.stderr)
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if args.pcap is None:
-            from conformance.net.names import release_run
-
-            with contextlib.suppress(Exception):
-                release_run()
     return 0
 
 
