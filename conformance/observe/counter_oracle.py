@@ -36,15 +36,14 @@ nonzero (the captures keep headers, not the payload a checksum covers)."""
 from __future__ import annotations
 
 import functools
-import heapq
 import ipaddress
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conformance.observe.model import ACK, FIN, RST, SYN, Connection, Where
+from conformance.observe.model import ACK, FIN, RST, SYN, Connection, Where, merged_packets
 from conformance.wire import crypto
-from conformance.wire.bulk import Packet, iter_pcap
+from conformance.wire.bulk import Packet
 
 PREFIX = "MPTcpExt"
 EXACT, RANGE, NONZERO = "exact", "range", "zero vs nonzero"
@@ -624,16 +623,6 @@ class _NodeView:
 
 # -- the comparison -----------------------------------------------------------------------------
 
-def _merged(files: Sequence[Path | str]) -> Iterator[tuple[Where, Packet]]:
-    """The segments of several captures of one node, in time order (one clock: the same host)."""
-    def tagged(path: Path | str) -> Iterator[tuple[float, int, Where, Packet]]:
-        for p in iter_pcap(path):
-            yield p.time, p.frame, Where(str(path), p.frame), p
-
-    for _, _, where, p in heapq.merge(*(tagged(f) for f in files), key=lambda x: (x[0], x[1])):
-        yield where, p
-
-
 def _explain(c: _Count, text: str) -> str:
     out = f"{c.sure} {text}"
     if c.maybe:
@@ -744,8 +733,8 @@ def compare_counters(connections: Sequence[Connection], counters: Mapping[str, M
         if node not in addresses or not ends & {_norm(a) for a in addresses[node]}:
             continue  # no connection of the model ends at this node (a router): nothing to read
         view = _NodeView(node, addresses[node], connections)
-        for where, p in _merged(captures[node]):
-            view.feed(where, p)
+        for pcap, p in merged_packets(captures[node]):
+            view.feed(Where(pcap, p.frame, p.time), p)
         view.finish()
         if view.involved:
             out += _Judge(node, view, counters.get(node, {}), available).all()

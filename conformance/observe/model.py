@@ -16,8 +16,9 @@ SYN names (§3.2) and its HMACs are checked against the keys of that connection.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,11 +466,28 @@ class ModelBuilder:
         conn.events.append(event)
 
 
+def merged_packets(pcaps: Iterable[Path | str]) -> Iterator[tuple[str, Packet]]:
+    """Every capture's packets in time order (ties: the order the captures were given), streamed:
+    a connection's subflows are often seen on different links, and what one link saw must be read
+    interleaved with what another saw (the captures of one machine share its clock)."""
+    names = [str(c) for c in pcaps]
+
+    def tagged(index: int, pcap: str) -> Iterator[tuple[float, int, str, Packet]]:
+        for p in iter_pcap(pcap):
+            yield p.time, index, pcap, p
+
+    if len(names) == 1:
+        for p in iter_pcap(names[0]):
+            yield names[0], p
+        return
+    for _, _, pcap, p in heapq.merge(*(tagged(i, c) for i, c in enumerate(names)), key=lambda t: t[:2]):
+        yield pcap, p
+
+
 def build(pcaps: Iterable[Path | str], observers: Iterable[OptionObserver] = (),
           segment_observers: Iterable[SegmentObserver] = ()) -> list[Connection]:
     """The MPTCP (and fallen-back) connections in these captures of one topology, in SYN order."""
     builder = ModelBuilder(observers, segment_observers)
-    for pcap in pcaps:
-        for p in iter_pcap(pcap):
-            builder.feed(str(pcap), p)
+    for pcap, p in merged_packets(pcaps):
+        builder.feed(pcap, p)
     return builder.finish()

@@ -46,7 +46,7 @@ TSHARK_BLIND = {
                              "optlen >= offset - start_offset + 4, i.e. 2 bytes more than the option has",
 }
 _FRAME_FIELDS = ("frame.number", "tcp.option_kind", "tcp.option_len")
-_AGGREGATOR = ","  # no MPTCP field value (numbers, hex, addresses, hex bytes) contains it
+AGGREGATOR = ","  # no MPTCP field value (numbers, hex, addresses, hex bytes) contains it
 
 
 class OptionLike(Protocol):
@@ -70,38 +70,46 @@ def tshark_fields() -> tuple[str, ...]:
     return (*sorted(names), *EXTRA_FIELDS)
 
 
+def capture_key(pcap: Path | str) -> tuple[str, float]:
+    """(path, modification time) of a capture: the key tshark results are cached under."""
+    path = Path(pcap)
+    try:
+        return str(path), path.stat().st_mtime
+    except OSError:
+        raise InputError(f"{pcap}: no such capture file") from None
+
+
+def tshark_rows(pcap: str, fields: Sequence[str], prefs: Sequence[str] = (), *, timeout: float = 300,
+                doing: str = "read") -> list[list[str]]:
+    """One row per TCP segment of `pcap`: the values of `fields` in tshark's fields mode, a field
+    that occurs several times in the segment joined by AGGREGATOR, absent ones empty."""
+    argv = ["tshark", "-n", "-r", pcap, "-Y", "tcp", "-T", "fields", "-E", "occurrence=a",
+            "-E", f"aggregator={AGGREGATOR}", "-E", "separator=/t", "-E", "header=n"]
+    for pref in prefs:
+        argv += ["-o", pref]
+    for name in fields:
+        argv += ["-e", name]
+    try:
+        out = run(argv, timeout=timeout).stdout
+    except CommandError as exc:
+        raise InputError(f"{pcap}: tshark cannot {doing} this capture ({exc.stderr.strip()[:200]})") from None
+    return [cols for line in out.splitlines() if (cols := line.split("\t"))[0]]
+
+
 def tshark_frames(pcap: Path | str) -> dict[int, dict[str, list[str]]]:
     """frame number -> {field: values in dissection order} for every TCP segment of `pcap`, as
     `tshark -T json -e` would give them (only the fields present; tcp.option_kind and
     tcp.option_len included). Fields mode (`-T fields`) gives the same values, faster.
     Cached per file and modification time: treat the result as read-only."""
-    path = Path(pcap)
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        raise InputError(f"{pcap}: no such capture file") from None
-    return _tshark_frames(str(path), mtime)
+    return _tshark_frames(*capture_key(pcap))
 
 
 @lru_cache(maxsize=32)
 def _tshark_frames(pcap: str, mtime: float) -> dict[int, dict[str, list[str]]]:
     names = (*_FRAME_FIELDS, *tshark_fields())
-    argv = ["tshark", "-n", "-r", str(pcap), "-o", "mptcp.analyze_mptcp:TRUE", "-Y", "tcp", "-T", "fields",
-            "-E", "occurrence=a", "-E", f"aggregator={_AGGREGATOR}", "-E", "separator=/t", "-E", "header=n"]
-    for name in names:
-        argv += ["-e", name]
-    try:
-        out = run(argv, timeout=300).stdout
-    except CommandError as exc:
-        raise InputError(f"{pcap}: tshark cannot read this capture ({exc.stderr.strip()[:200]})") from None
-    frames: dict[int, dict[str, list[str]]] = {}
-    for line in out.splitlines():
-        cols = line.split("\t")
-        if not cols[0]:
-            continue
-        frames[int(cols[0])] = {name: value.split(_AGGREGATOR) for name, value in zip(names, cols, strict=False)
-                                if value}
-    return frames
+    return {int(cols[0]): {name: value.split(AGGREGATOR) for name, value in zip(names, cols, strict=False)
+                           if value}
+            for cols in tshark_rows(pcap, names, ("mptcp.analyze_mptcp:TRUE",))}
 
 
 def mptcp_lengths(layers: Mapping[str, list[str]]) -> list[str | None]:

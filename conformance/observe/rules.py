@@ -11,17 +11,16 @@ saying what was seen and what the requirement wants."""
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from conformance.errors import HarnessError
 from conformance.observe.connection_rules import CAPTURE_RULES, CONNECTION_RULES
 from conformance.observe.judgment import FAIL, NOT_EXERCISED, PASS, Judgment, Tally
-from conformance.observe.model import ACK, RST, SYN, Connection, ModelBuilder, Subflow, Where
+from conformance.observe.model import ACK, RST, SYN, Connection, ModelBuilder, Subflow, Where, merged_packets
 from conformance.observe.stream_rules import stream_rule_ids, stream_rules
-from conformance.wire.bulk import Packet, iter_pcap
+from conformance.wire.bulk import Packet
 
 __all__ = ["FAIL", "NOT_EXERCISED", "PASS", "Judgment", "check", "rule_ids"]
 
@@ -132,21 +131,6 @@ class OptionRuleObserver:
         return out
 
 
-def _merged(pcaps: list[str]) -> Iterator[tuple[str, Packet]]:
-    """Every capture's packets in time order (ties: the order the captures were given), streamed:
-    the rules that compare subflows need what one link saw interleaved with what another saw."""
-    def tagged(index: int, pcap: str) -> Iterator[tuple[float, int, str, Packet]]:
-        for p in iter_pcap(pcap):
-            yield p.time, index, pcap, p
-
-    if len(pcaps) == 1:
-        for p in iter_pcap(pcaps[0]):
-            yield pcaps[0], p
-        return
-    for _, _, pcap, p in heapq.merge(*(tagged(i, c) for i, c in enumerate(pcaps)), key=lambda t: t[:2]):
-        yield pcap, p
-
-
 def check(pcaps: Iterable[Path | str], *, complete: bool = False) -> tuple[list[Connection], list[Judgment]]:
     """Rebuild the connections of these captures and judge every passive rule on them.
 
@@ -155,7 +139,7 @@ def check(pcaps: Iterable[Path | str], *, complete: bool = False) -> tuple[list[
     observer = OptionRuleObserver()
     streams = stream_rules(complete)
     builder = ModelBuilder([observer], streams)
-    for pcap, p in _merged([str(c) for c in pcaps]):
+    for pcap, p in merged_packets(pcaps):
         builder.feed(pcap, p)
     conns = builder.finish()
     judgments = observer.judge(conns)

@@ -75,10 +75,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from conformance.errors import CommandError, InputError
-from conformance.observe.model import Connection, ModelBuilder, Subflow, Where
-from conformance.observe.rules import FAIL, NOT_EXERCISED, PASS, Judgment, _merged, rule_ids
-from conformance.proc import run
+from conformance.errors import InputError
+from conformance.observe.model import Connection, ModelBuilder, Subflow, Where, merged_packets
+from conformance.observe.oracles import AGGREGATOR, capture_key, tshark_rows
+from conformance.observe.rules import FAIL, NOT_EXERCISED, PASS, Judgment, rule_ids
 from conformance.wire.bulk import Packet, iter_pcap
 
 # Set explicitly on every run: defaults differ between versions and user profiles.
@@ -107,7 +107,6 @@ EXPECTED_IDSN = "mptcp.expected_idsn"  # tshark's IDSN of an MP_CAPABLE key
 DATA_ACK = "mptcp.ack"  # a Data ACK relative to the acknowledged side's IDSN
 _FIELDS = ("frame.number", "tcp.len", STREAM, RELATED, DSS_DSN, EXPECTED_IDSN, DATA_ACK, KEEP_ALIVE, *EXPERTS)
 _FLAGS = _FIELDS[7:]  # FT_NONE fields: "1" on a frame that raised them
-_AGGREGATOR = ","  # no value of these fields (numbers, frame numbers, "1") contains it
 
 VIOLATED, HOLDS, JUDGE = "violated", "holds", "judge"
 
@@ -130,34 +129,18 @@ class TsharkFrame:
 def tshark_analysis(pcap: Path | str) -> dict[int, TsharkFrame]:
     """frame number -> TsharkFrame for every TCP segment of `pcap`, analysed with PREFS. Cached per
     file and modification time: treat the result as read-only."""
-    path = Path(pcap)
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        raise InputError(f"{pcap}: no such capture file") from None
-    return _tshark_analysis(str(path), mtime)
+    return _tshark_analysis(*capture_key(pcap))
 
 
 def _ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(_AGGREGATOR)) if value else ()
+    return tuple(int(v) for v in value.split(AGGREGATOR)) if value else ()
 
 
 @lru_cache(maxsize=32)
 def _tshark_analysis(pcap: str, mtime: float) -> dict[int, TsharkFrame]:
-    argv = ["tshark", "-n", "-r", pcap, "-Y", "tcp", "-T", "fields", "-E", "occurrence=a",
-            "-E", f"aggregator={_AGGREGATOR}", "-E", "separator=/t", "-E", "header=n"]
-    for pref in PREFS:
-        argv += ["-o", pref]
-    for name in _FIELDS:
-        argv += ["-e", name]
-    try:
-        out = run(argv, timeout=600).stdout
-    except CommandError as exc:
-        raise InputError(f"{pcap}: tshark cannot analyse this capture ({exc.stderr.strip()[:200]})") from None
     frames: dict[int, TsharkFrame] = {}
-    for line in out.splitlines():
-        cols = line.split("\t")
-        if len(cols) < len(_FIELDS) or not cols[0]:
+    for cols in tshark_rows(pcap, _FIELDS, PREFS, timeout=600, doing="analyse"):
+        if len(cols) < len(_FIELDS):
             continue
         number, tcp_len, stream, related, dss_dsn, idsn, ack = cols[:7]
         frames[int(number)] = TsharkFrame(
@@ -659,9 +642,9 @@ def _model(names: list[str]) -> tuple[list[Connection], dict[frozenset, tuple[in
         vantage.setdefault((id(sub), side), where.pcap)
 
     builder = ModelBuilder([option], [segment])
-    # rules.check's own (private) merge, on purpose: reading the captures in any other order could
+    # rules.check's own merge, on purpose: reading the captures in any other order could
     # number the connections differently and pick other vantages.
-    for pcap, p in _merged(names):
+    for pcap, p in merged_packets(names):
         builder.feed(pcap, p)
     owner: dict[frozenset, tuple[int | None, Subflow]] = {}
     for i, c in enumerate(builder.connections):
