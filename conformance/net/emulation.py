@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ipaddress
 import json
 import os
 import select
@@ -52,7 +51,7 @@ from conformance.errors import HarnessError, TopologyError
 from conformance.net.cleanup import Cleanup
 from conformance.net.delayline import DEFAULT_LIMIT, QUEUE_BASE
 from conformance.net.names import run_prefix, run_tmpdir
-from conformance.net.nodes import write_sysctls
+from conformance.net.nodes import route_request, write_sysctls
 from conformance.net.shaping import LinkShape
 from conformance.proc import NETNS_DIR, in_netns, run
 
@@ -306,14 +305,4 @@ def _wait_operstate(ipr: IPRoute, index: int, timeout: float = 2.0) -> None:
 
 def _put_route(ipr: IPRoute, index: int, route: dict) -> None:
     """One route of the topology plan (the form NetnsNode.config adds), replaced if present."""
-    dst = ipaddress.ip_network(route["dst"])
-    kw: dict = {"table": route.get("table", 254), "oif": index}
-    if route.get("via"):
-        kw["gateway"] = route["via"]
-    else:
-        kw["scope"] = 253  # link
-    if route.get("src"):
-        kw["prefsrc"] = route["src"]
-    if dst.prefixlen:
-        kw.update(dst=str(dst.network_address), dst_len=dst.prefixlen)
-    ipr.route("replace", family=10 if dst.version == 6 else 2, **kw)
+    ipr.route("replace", **route_request(route, index))

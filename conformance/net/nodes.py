@@ -89,17 +89,7 @@ class NetnsNode(Node):
             ipr.rule("add", family=10 if net.version == 6 else 2, src=str(net.network_address),
                      src_len=net.prefixlen, table=rule["table"], priority=rule["priority"])
         for route in routes:
-            dst = ipaddress.ip_network(route["dst"])
-            kw = {"table": route.get("table", 254), "oif": ipr.link_lookup(ifname=route["dev"])[0]}
-            if route.get("via"):
-                kw["gateway"] = route["via"]
-            else:
-                kw["scope"] = 253  # link
-            if route.get("src"):
-                kw["prefsrc"] = route["src"]
-            if dst.prefixlen:
-                kw.update(dst=str(dst.network_address), dst_len=dst.prefixlen)
-            ipr.route("add", family=10 if dst.version == 6 else 2, **kw)
+            ipr.route("add", **route_request(route, ipr.link_lookup(ifname=route["dev"])[0]))
         return {}
 
     def close_netlink(self) -> None:
@@ -125,3 +115,19 @@ class Router(NetnsNode):
 
     role = "router"
     sysctls: ClassVar[dict[str, str]] = {**_BASE_SYSCTLS, **_ROUTER_SYSCTLS}
+
+
+def route_request(route: dict, oif: int) -> dict:
+    """pyroute2 `route()` arguments for one route of the topology plan (dst, via, src, table) out
+    of interface index `oif`."""
+    dst = ipaddress.ip_network(route["dst"])
+    kw: dict = {"family": 10 if dst.version == 6 else 2, "table": route.get("table", 254), "oif": oif}
+    if route.get("via"):
+        kw["gateway"] = route["via"]
+    else:
+        kw["scope"] = 253  # link
+    if route.get("src"):
+        kw["prefsrc"] = route["src"]
+    if dst.prefixlen:
+        kw.update(dst=str(dst.network_address), dst_len=dst.prefixlen)
+    return kw
