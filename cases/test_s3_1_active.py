@@ -31,9 +31,7 @@ def _plain_tcp_after(lab, run, what: str, rid: str) -> None:
     later = [s for s in run.received if s["options"] and s is not synack]
     e.that(not later, "no later segment of the listener carries an MPTCP option", expected="none",
            seen=run.describe(later[0]) if later else "none", rid=rid)
-    e.that(bool(run.server) and run.server.get("bytes_received") == KB and run.server.get("fallback") is True,
-           "the data arrives over a plain TCP (fallen back) socket", expected=f"{KB} bytes, fallback",
-           seen={k: (run.server or {}).get(k) for k in ("bytes_received", "fallback", "ok")}, rid=rid)
+    run.expect_intact(e, "the data arrives over a plain TCP (fallen back) socket", rid=rid, fallback=True)
 
 
 @pytest.mark.rfc8684("R3.1-02")
@@ -82,9 +80,7 @@ def test_third_ack_without_mp_capable_means_plain_tcp(lab):
     later = [s for s in run.received if s["options"] and s is not synack]
     e.that(not later, "after an MP_CAPABLE-less third ACK, the listener sends no MPTCP option",
            expected="none", seen=run.describe(later[0]) if later else "none", rid="R3.1-31")
-    e.that(bool(run.server) and run.server.get("fallback") is True and run.server.get("ok") is True,
-           "the accepted socket fell back and got the data intact", expected="fallback, data intact",
-           seen={k: (run.server or {}).get(k) for k in ("fallback", "ok", "bytes_received")}, rid="R3.1-31")
+    run.expect_intact(e, "the accepted socket fell back and got the data intact", rid="R3.1-31", fallback=True)
 
 
 @pytest.mark.rfc8684("R3.1-L02")
@@ -95,12 +91,9 @@ def test_duplicate_mp_capable_data_mapping_delivers_once(lab):
                       {"op": "data", "size": KB, "mapping": "auto"}, {"op": "data_fin"},
                       {"op": "recv", "until": "fin", "timeout": 3}], expect=2 * KB)
     e = lab.expect
-    e.that(run.first("R") is None, "the listener does not reset the connection", expected="no RST",
-           seen=run.describe(run.first("R")) if run.first("R") else "none", rid="R3.1-L02")
-    e.that(bool(run.server) and run.server.get("ok") is True and run.server.get("bytes_received") == 2 * KB
-           and run.server.get("mptcp") is True, "the data arrives once, in order, over MPTCP",
-           expected=f"{2 * KB} bytes, SHA-256 as sent, MPTCP",
-           seen={k: (run.server or {}).get(k) for k in ("bytes_received", "ok", "mptcp")}, rid="R3.1-L02")
+    run.expect_no_reset(e, "the listener does not reset the connection", rid="R3.1-L02")
+    run.expect_intact(e, "the data arrives once, in order, over MPTCP", rid="R3.1-L02", bytes_received=2 * KB,
+                      mptcp=True)
 
 
 @pytest.mark.rfc8684("R3.1-25")

@@ -27,6 +27,7 @@ from conformance.proc import run
 
 if TYPE_CHECKING:
     from conformance.lab import Lab
+    from conformance.verdict import Expect
 
 
 @dataclass
@@ -52,6 +53,20 @@ class ScriptRun:
         if segment is None:
             return None
         return next((f for n, f in segment["options"] if n == name), None)
+
+    def expect_intact(self, e: Expect, what: str, *, rid: str | None = None, **report: object) -> bool:
+        """The listener's transfer program got all it expected, SHA-256 as sent (and its report's
+        other fields as given, e.g. fallback=True)."""
+        got = self.server or {}
+        return e.that(got.get("ok") is True and all(got.get(k) == v for k, v in report.items()), what,
+                      expected=", ".join(["data intact (SHA-256)", *(f"{k}={v}" for k, v in report.items())]),
+                      seen={k: got.get(k) for k in ("ok", "bytes_received", *report)} if got else "no report",
+                      rid=rid)
+
+    def expect_no_reset(self, e: Expect, what: str, *, rid: str | None = None) -> bool:
+        """No RST from the listener on any subflow."""
+        rst = self.first("R")
+        return e.that(rst is None, what, expected="no RST", seen=self.describe(rst) if rst else "none", rid=rid)
 
     def describe(self, segment: dict | None) -> str:
         """A received segment in a failure message: flags, numbers, options."""
