@@ -28,8 +28,10 @@ def _handshakes(run):
     return (only_handshake(run.segments("c1-eth0"), "c1-eth0"), only_handshake(run.segments("s1-eth0"), "s1-eth0"))
 
 
-def _sent_with_options(segments, src, after_frame):
-    return [s for s in segments if s.src == src and s.frame > after_frame and s.options]
+def _no_options_after(e, segments, src, after_frame, what: str, rid: str) -> None:
+    """`src` sends no MPTCP option in `segments` after frame `after_frame`."""
+    later = [s for s in segments if s.src == src and s.frame > after_frame and s.options]
+    e.that(not later, what, expected="none", seen=describe(later[0]) if later else "none", rid=rid)
 
 
 def _fallback_reports(e, run, rid):
@@ -54,12 +56,10 @@ def test_syn_stripped_falls_back_to_tcp(lab):
     box.expect_acted(e, at_least=len(offered), at_most=len(offered))
     e.that(not seen.synack.mptcp("MP_CAPABLE"), "the listener's SYN/ACK carries no MP_CAPABLE",
            expected="no MP_CAPABLE", seen=describe(seen.synack), rid="R3.1-30")
-    later = _sent_with_options(sent.stream, sent.syn.src, sent.synack.frame)
-    e.that(not later, "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", expected="none",
-           seen=describe(later[0]) if later else "none", rid="R3.1-29")
-    later = _sent_with_options(seen.stream, seen.syn.dst, seen.syn.frame)
-    e.that(not later, "the listener sends no MPTCP option on the connection", expected="none",
-           seen=describe(later[0]) if later else "none", rid="R3.7-01")
+    _no_options_after(e, sent.stream, sent.syn.src, sent.synack.frame,
+                      "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", "R3.1-29")
+    _no_options_after(e, seen.stream, seen.syn.dst, seen.syn.frame,
+                      "the listener sends no MPTCP option on the connection", "R3.7-01")
     _fallback_reports(e, run, "R3.7-01")
     e.counter(run.counters, "c1", "MPCapableFallbackSYNACK", 1, rid="R3.1-29")
     e.counter(run.counters, "s1", "MPCapableSYNRX", 0, rid="R3.1-30")
@@ -81,14 +81,12 @@ def test_synack_stripped_falls_back_to_tcp(lab):
     e.that(not got.synack.options, "the SYN/ACK reaches the client without MPTCP options", expected="none",
            seen=describe(got.synack))
     box.expect_acted(e, at_least=len(offered), at_most=len(offered))
-    later = _sent_with_options(got.stream, got.syn.src, got.synack.frame)
-    e.that(not later, "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", expected="none",
-           seen=describe(later[0]) if later else "none", rid="R3.1-29")
+    _no_options_after(e, got.stream, got.syn.src, got.synack.frame,
+                      "the client sends no MPTCP option after the MP_CAPABLE-less SYN/ACK", "R3.1-29")
     e.that(not sent.ack.mptcp("MP_CAPABLE"), "the third ACK reaches the listener without MP_CAPABLE",
            expected="no MP_CAPABLE", seen=describe(sent.ack))
-    later = _sent_with_options(sent.stream, sent.syn.dst, sent.ack.frame)
-    e.that(not later, "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", expected="none",
-           seen=describe(later[0]) if later else "none", rid="R3.1-31")
+    _no_options_after(e, sent.stream, sent.syn.dst, sent.ack.frame,
+                      "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", "R3.1-31")
     _fallback_reports(e, run, "R3.7-01")
     e.counter(run.counters, "c1", "MPCapableFallbackSYNACK", 1, rid="R3.1-29")
     e.counter(run.counters, "s1", "MPCapableFallbackACK", 1, rid="R3.1-31")
@@ -109,9 +107,8 @@ def test_third_ack_stripped_listener_falls_back(lab):
     e.that(not got.ack.options, "the third ACK reaches the listener without MPTCP options", expected="none",
            seen=describe(got.ack))
     box.expect_acted(e, at_least=1, at_most=1)
-    later = _sent_with_options(got.stream, got.syn.dst, got.ack.frame)
-    e.that(not later, "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", expected="none",
-           seen=describe(later[0]) if later else "none", rid="R3.1-31")
+    _no_options_after(e, got.stream, got.syn.dst, got.ack.frame,
+                      "the listener sends no MPTCP option after a third ACK without MP_CAPABLE", "R3.1-31")
     e.that(run.server.get("fallback") is True, "the listener's socket runs as plain TCP", expected="fallback",
            seen={k: run.server.get(k) for k in ("fallback", "mptcp")}, rid="R3.1-33")
     e.counter(run.counters, "s1", "MPCapableFallbackACK", 1, rid="R3.1-31")
@@ -151,9 +148,9 @@ def test_data_options_stripped_falls_back(lab):
     e.that(plain is not None and bare_ack is not None and plain.frame > bare_ack.frame,
            "the client then drops to plain TCP: it sends data without MPTCP options",
            expected="option-less data", seen=describe(plain), rid="R3.7-05")
-    back = _sent_with_options(sent.stream, client, plain.frame) if plain else []
-    e.that(not back, "once it sent plain data, the client sends no MPTCP option again", expected="none",
-           seen=describe(back[0]) if back else "none", rid="R3.7-05")
+    if plain is not None:
+        _no_options_after(e, sent.stream, client, plain.frame,
+                          "once it sent plain data, the client sends no MPTCP option again", "R3.7-05")
     infinite = [s for s in sent.stream if s.src == client
                 and any(o.get("data_level_length") == 0 for o in s.mptcp("DSS"))]
     last = next((s for s in reversed(data) if s.options), None)
