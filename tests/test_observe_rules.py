@@ -73,21 +73,14 @@ def _add_addr(address_id: int, address: str):
     return _seg(S, C1, 80, 40000, "A", [AddAddr(address_id=address_id, address=address, truncated_hmac=mac)])
 
 
-def _ports(pkt, port):
+def _ports(pkt, port, *, side="server"):
+    """A copy of `pkt` with the server's port 80 (or, side="client", the client's port) changed."""
     pkt = pkt.copy()
-    if pkt["TCP"].dport == 80:
+    to_server = pkt["TCP"].dport == 80
+    if to_server == (side == "server"):
         pkt["TCP"].dport = port
     else:
         pkt["TCP"].sport = port
-    return pkt
-
-
-def _client_port(pkt, port):
-    pkt = pkt.copy()
-    if pkt["TCP"].dport == 80:
-        pkt["TCP"].sport = port
-    else:
-        pkt["TCP"].dport = port
     return pkt
 
 
@@ -359,8 +352,8 @@ DEFECTS.update({
     "R3.7-14": lambda: _mp_fail_then_join(_dss("AaMm", ack=IDSN_S + 1, dsn=IDSN_C + 1, ssn=1, dll=5)),
     "R3.7-16": lambda: _infinite_mapping(True),
     "R3.7-L02": lambda: [*connection(), _seg(S, C2, 80, 40000, "R", [(30, b"\x60\x00\x00\x00\x00\x01")])],
-    "R3.9.1-01": lambda: [*connection()[:3], *(_client_port(p, 40001) for p in connection()[3:6])],
-    "R3.9.1-03": lambda: [*connection()[:3], *(_client_port(p, 40001) for p in connection()[3:6])],
+    "R3.9.1-01": lambda: [*connection()[:3], *(_ports(p, 40001, side="client") for p in connection()[3:6])],
+    "R3.9.1-03": lambda: [*connection()[:3], *(_ports(p, 40001, side="client") for p in connection()[3:6])],
     "R3.9.2-03": _crossed_joins,
 })
 
