@@ -80,8 +80,7 @@ class Subflow:
     rst_side: int | None = None  # which side of the subflow sent the first RST
     rst_reason: int | None = None
     rst_reason_where: Where | None = None
-    fin: list[bool] = field(default_factory=lambda: [False, False])
-    fin_where: list[Where | None] = field(default_factory=lambda: [None, None])
+    fin_where: list[Where | None] = field(default_factory=lambda: [None, None])  # each side's first FIN
     # Per side of the subflow: ISN (from its SYN), Window Scale shift, highest sequence number
     # sent (end of payload), highest ACK sent, and how many segments re-sent old sequence space.
     isn: list[int | None] = field(default_factory=lambda: [None, None])
@@ -94,6 +93,11 @@ class Subflow:
     first_mapping: tuple[Where, int, int] | None = None  # where, 64-bit DSN, data-level length
     # Per-rule state of the streaming rules, keyed by the rule object (cheaper than a global table).
     scratch: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def fin(self) -> tuple[bool, bool]:
+        """Whether each side (the subflow's initiator, its responder) sent a FIN."""
+        return self.fin_where[0] is not None, self.fin_where[1] is not None
 
     @property
     def established(self) -> bool:
@@ -124,7 +128,6 @@ class Connection:
     # MP_CAPABLE carried (mapped implicitly at IDSN+1), if it sent data that way.
     lowest_dsn: list[tuple[Where, int] | None] = field(default_factory=lambda: [None, None])
     mpc_data: list[int | None] = field(default_factory=lambda: [None, None])
-    mp_fail: list[Where] = field(default_factory=list)
     # Per MP_FAIL: where, its sender (connection side), the DSN it names, whether on a RST.
     mp_fail_at: list[tuple[Where, int, int, bool]] = field(default_factory=list)
     infinite_mapping: list[Where] = field(default_factory=list)
@@ -325,7 +328,6 @@ class ModelBuilder:
         if flags & RST and sub.rst is None:
             sub.rst, sub.rst_side = where, side
         if flags & FIN:
-            sub.fin[side] = True
             sub.fin_where[side] = sub.fin_where[side] or where
         for name, f in p.options:
             for observe in self.observers:
@@ -350,7 +352,6 @@ class ModelBuilder:
             elif name == "MPFastclose":
                 conn.fastclose.append((where, self._conn_side(sub, side), f["receiver_key"]))
             elif name == "MPFail":
-                conn.mp_fail.append(where)
                 conn.mp_fail_at.append((where, self._conn_side(sub, side), f["dsn"], bool(flags & RST)))
             elif name == "MPTCPRst" and sub.rst_reason is None:
                 sub.rst_reason, sub.rst_reason_where = f["reason"], where
