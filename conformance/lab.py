@@ -5,11 +5,12 @@ Everything a Lab creates is registered on its Cleanup stack and undone when the 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,15 @@ class TransferRun:
             want = report.get("bytes_expected")
             e.that(report.get("ok") is True, f"{role} received the peer's {want} bytes intact (SHA-256)",
                    expected="ok", seen={k: report.get(k) for k in ("bytes_received", "error")})
+
+
+@dataclass
+class Recording:
+    """What Lab.record() collected: interface -> capture, node -> non-zero counter deltas."""
+
+    pcaps: dict[str, Path] = field(default_factory=dict)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    counter_names: set[str] = field(default_factory=set)
 
 
 class Lab:
@@ -150,23 +160,19 @@ class Lab:
         returns."""
         client = client or self.topo.client
         server = server or self.topo.server
-        port = next(self._ports)
+        port = self.next_port()
         folder = self.folder if not self.transfers else self.folder / f"transfer-{len(self.transfers) + 1}"
         folder.mkdir(parents=True, exist_ok=True)
         endpoints = (client, server)
         for node in endpoints:
             (folder / f"{node}-endpoints.json").write_text(
                 json.dumps(show_endpoints(self.net[node]), indent=2, default=str))
-        before = {n.name: read_counters(n.pid) for n in self.net.nodes()}
-        local = Cleanup()
-        try:
-            cap = Capture([(n, self.net.netns(n), i) for n, i in self.topo.interfaces()], folder, local,
-                          snaplen=snaplen)
-            srv = self._start(server, "server", self.listen_address(), port, down, up, mptcp_server,
-                              wait_subflows, folder, local, timeout, send_delay=server_send_delay)
+        with self.record(folder, snaplen=snaplen) as (rec, local):
+            srv = self.start_endpoint(server, "server", self.listen_address(), port, down, up, mptcp_server,
+                                      wait_subflows, folder, local, timeout, send_delay=server_send_delay)
             dst = connect_to or self.connect_address(server)
-            cli = self._start(client, "client", dst, port, up, down, mptcp_client, wait_subflows, folder,
-                              local, timeout, abort_after)
+            cli = self.start_endpoint(client, "client", dst, port, up, down, mptcp_client, wait_subflows,
+                                      folder, local, timeout, abort_after)
             self._snapshot_ss(endpoints, port, folder, cli)
             if during is not None:
                 during(port)
@@ -174,11 +180,6 @@ class Lab:
                 proc.wait(timeout + 10)
             # Let the last FIN/ACKs cross the links before the captures close.
             time.sleep(0.2)
-        finally:
-            local.run()
-        after = {n.name: read_counters(n.pid) for n in self.net.nodes()}
-        counters = {n: delta(before[n], after[n]) for n in before}
-        (folder / "counters.json").write_text(json.dumps(counters, indent=2, sort_keys=True))
         reports = {}
         for role, node in (("client", client), ("server", server)):
             path = folder / f"{role}.json"
@@ -186,12 +187,10 @@ class Lab:
                 raise HarnessError(f"{role} on {node} wrote no report; stderr: "
                                    f"{(folder / f'{role}.err').read_text()[-500:]}")
             reports[role] = json.loads(path.read_text())
-        result = TransferRun(folder, reports["client"], reports["server"], counters,
-                             {p.intf: p.path for p in cap.pcaps}, port)
+        result = TransferRun(folder, reports["client"], reports["server"], rec.counters, rec.pcaps, port)
         endpoint_intfs = {i for n, i in self.topo.interfaces() if n in (client, server)}
         self._cross_check(result, endpoint_intfs)
-        # What the kernel counts: the counter oracle compares only counters this kernel has.
-        self._passive(result, endpoint_intfs, {name for values in after.values() for name in values})
+        self._passive(result, endpoint_intfs, rec.counter_names)
         self.transfers.append(result)
         return result
 
@@ -253,7 +252,32 @@ class Lab:
                              expected="no disagreement",
                              seen=shown or f"{agreement.options} options and {agreement.fields} fields agree")
 
-    def _start(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
+    def next_port(self) -> int:
+        """A listening port no earlier run of this lab used (its captures stay apart)."""
+        return next(self._ports)
+
+    @contextlib.contextmanager
+    def record(self, folder: Path, *, snaplen: int = DEFAULT_SNAPLEN) -> Iterator[tuple[Recording, Cleanup]]:
+        """tcpdump on every interface and every node's MIB counters around the block. Processes the
+        block starts go on the Cleanup it is given, which is undone (and the captures closed) when
+        the block ends; then the counter deltas are read and written to counters.json."""
+        before = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        rec = Recording()
+        local = Cleanup()
+        try:
+            cap = Capture([(n, self.net.netns(n), i) for n, i in self.topo.interfaces()], folder, local,
+                          snaplen=snaplen)
+            rec.pcaps = {p.intf: p.path for p in cap.pcaps}
+            yield rec, local
+        finally:
+            local.run()
+        after = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        rec.counters = {n: delta(before[n], after[n]) for n in before}
+        # What the kernel counts: the counter oracle compares only counters this kernel has.
+        rec.counter_names = {name for values in after.values() for name in values}
+        (folder / "counters.json").write_text(json.dumps(rec.counters, indent=2, sort_keys=True))
+
+    def start_endpoint(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
                timeout, abort_after: int | None = None, send_delay: float = 0.0) -> Background:
         argv = [*TRANSFER, role, "--addr", addr, "--port", str(port), "--send", str(send), "--expect",
                 str(expect), "--report", str(folder / f"{role}.json"), "--wait-subflows", str(wait_subflows),

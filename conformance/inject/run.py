@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from conformance.endpoints.counters import delta, read_counters
 from conformance.errors import HarnessError
 from conformance.inject.script import validate
-from conformance.net.capture import Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.names import run_prefix
 from conformance.proc import run
@@ -87,7 +85,7 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
     steps = validate(steps)
     peer = peer or lab.topo.client
     server = server or lab.topo.server
-    port = next(lab._ports)
+    port = lab.next_port()
     folder = lab.folder / f"script-{port}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "script.json").write_text(json.dumps(steps, indent=1))
@@ -96,14 +94,10 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
     netns = lab.net.netns(peer)
     paths = [_path(netns, src, dst) for src in lab.topo.addresses(peer, family)]
     sport = random.randrange(20000, 60000)
-    before = {n.name: read_counters(n.pid) for n in lab.net.nodes()}
-    local = Cleanup()
-    srv = None
-    try:
-        cap = Capture([(n, lab.net.netns(n), i) for n, i in lab.topo.interfaces()], folder, local)
+    with lab.record(folder) as (rec, local):
         _guard(netns, sport, len(paths), family, local)
-        srv = lab._start(server, "server", lab.listen_address(), port, send, expect, mptcp_server, 1, folder,
-                         local, timeout, send_delay=server_send_delay)
+        srv = lab.start_endpoint(server, "server", lab.listen_address(), port, send, expect, mptcp_server, 1,
+                                 folder, local, timeout, send_delay=server_send_delay)
         argv = [sys.executable, "-m", "conformance.inject.peer", "--script", str(folder / "script.json"),
                 "--result", str(folder / "peer.json"), "--dst", dst, "--dport", str(port),
                 "--sport", str(sport), "--payload-size", str(expect)]
@@ -120,17 +114,9 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
         while expect and srv.running() and time.monotonic() < deadline:  # its report, if it got its data
             time.sleep(0.05)
         time.sleep(0.2)  # the last answers cross the links before the captures close
-    finally:
-        if srv is not None and srv.running():
-            srv.stop()
-        local.run()
-    after = {n.name: read_counters(n.pid) for n in lab.net.nodes()}
-    counters = {n: delta(before[n], after[n]) for n in before}
-    (folder / "counters.json").write_text(json.dumps(counters, indent=2, sort_keys=True))
     report = folder / "server.json"
     result = ScriptRun(folder, json.loads((folder / "peer.json").read_text()),
-                       json.loads(report.read_text()) if report.exists() else None, counters,
-                       {p.intf: p.path for p in cap.pcaps}, port)
+                       json.loads(report.read_text()) if report.exists() else None, rec.counters, rec.pcaps, port)
     if result.peer.get("error"):
         raise HarnessError(f"the script stopped: {result.peer['error']}")
     return result
