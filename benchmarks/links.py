@@ -89,11 +89,7 @@ def transfer(net: Network, size: int, subflows: int, tag: str) -> dict:
                         stdout=folder / "server.out", stderr=folder / "server.err")
     client = None
     try:
-        deadline = time.monotonic() + 10
-        while "listening" not in server.output():
-            if not server.running() or time.monotonic() > deadline:
-                raise HarnessError(f"transfer server did not start: {server.errors()[-300:]}")
-            time.sleep(0.01)
+        server.wait_for_output("listening", "transfer server")
         ifnames = [i for _, i in net.topo.interfaces("c1")]
         before = _tx_bytes(net, "c1", ifnames)
         client = Background([*TRANSFER, "client", "--addr", net.topo.addresses("s1", 4)[0], "--send", str(size),
@@ -167,11 +163,7 @@ def tcp_flows(net: Network, size: int) -> dict:
                       stdout=folder / "sink.out", stderr=folder / "sink.err")
     sources = []
     try:
-        deadline = time.monotonic() + 10
-        while "listening" not in sink.output():
-            if not sink.running() or time.monotonic() > deadline:
-                raise HarnessError(f"TCP sink did not start: {sink.errors()[-300:]}")
-            time.sleep(0.01)
+        sink.wait_for_output("listening", "TCP sink")
         ifnames = [i for _, i in net.topo.interfaces("c1")]
         before = _tx_bytes(net, "c1", ifnames)
         sources = [Background([sys.executable, "-c", SOURCE, src, net.topo.addresses("s1", 4)[0], "5302",

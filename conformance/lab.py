@@ -292,11 +292,7 @@ class Lab:
                           stderr=folder / f"{role}.err")
         cleanup.defer(f"stop {role} on {node}", proc.stop)
         if role == "server":
-            deadline = time.monotonic() + 10
-            while "listening" not in proc.output():
-                if not proc.running() or time.monotonic() > deadline:
-                    raise HarnessError(f"server on {node} did not start: {proc.errors()[-500:]}")
-                time.sleep(0.01)
+            proc.wait_for_output("listening", f"server on {node}")
         return proc
 
     def _snapshot_ss(self, nodes, port, folder, client_proc) -> None:

@@ -123,6 +123,15 @@ class Background:
                 self.proc.wait(5)
         return self.proc.returncode
 
+    def wait_for_output(self, text: str, what: str, timeout: float = 10) -> None:
+        """Return once `text` is in the process's output; HarnessError naming `what` if it exits
+        or `timeout` passes first (with the end of its stderr)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if not self.running() or time.monotonic() > deadline:
+                raise HarnessError(f"{what} did not start: {self.errors()[-500:]}")
+            time.sleep(0.01)
+
     def output(self) -> str:
         return self.stdout_path.read_text(errors="replace") if self.stdout_path else ""
 
