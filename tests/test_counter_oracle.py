@@ -267,6 +267,22 @@ def test_a_reset_out_of_sequence_is_not_read(tmp_path):
     assert not disagreements(got.values())
 
 
+@pytest.mark.parametrize("kernel_read", [0, 1])
+def test_a_reset_after_the_nodes_acknowledged_fin_may_go_unread(tmp_path, kernel_read):
+    # s1 closes the subflow (FIN), c1 acknowledges it and then resets in sequence. If s1 had
+    # orphaned the subflow it is now a FIN_WAIT2 timewait socket that reads no option: either
+    # count is right (seen live, REMOVE_ADDR then the peer's MP_TCPRST).
+    w = Wire()
+    established(w)
+    w.seg(S, 80, C1, 40000, "FA", [DSS(flags="Aa", data_ack=101)])
+    w.seg(C1, 40000, S, 80, "A", [DSS(flags="Aa", data_ack=101)])
+    w.seg(C1, 40000, S, 80, "RA", [MPTCPRst(reason=0)])
+    got = compare(tmp_path, w, with_handshake(c1={"MPRstTx": 1}, s1={"MPRstRx": kernel_read}))
+    rst = got[("s1", "MPRstRx")]
+    assert (rst.low, rst.high) == (0, 1) and "FIN was acknowledged" in rst.explanation
+    assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
+
+
 def test_options_before_the_initiator_is_fully_established_are_only_possible(tmp_path):
     w = Wire()
     handshake(w)  # no Data ACK from s1 yet: c1's subflow is not fully established

@@ -384,9 +384,17 @@ class _NodeView:
             takes = flow.reset_takes(p)
             if takes is False:
                 return  # out of sequence: a challenge ACK, the reset and its options are not read
-            self._established_rx(flow, where, p, opts, sure=sure and bool(takes),
-                                 why="before the subflow is fully established" if not sure else
-                                 "reset whose sequence number the captures cannot place")
+            if not sure:
+                why = "before the subflow is fully established"
+            elif takes is None:
+                why = "reset whose sequence number the captures cannot place"
+            else:
+                # A subflow the node closed becomes, once its FIN is acknowledged, a FIN_WAIT2
+                # timewait socket (tcp_time_wait()) that reads no MPTCP option; one it only shut
+                # down stays a full socket that does. The captures cannot tell the two apart.
+                why = "reset after the node's FIN was acknowledged (FIN_WAIT2: a timewait socket if orphaned)"
+            self._established_rx(flow, where, p, opts, sure=sure and bool(takes) and not flow.n_fin_acked,
+                                 why=why)
             flow.closed = bool(takes)
             return
         self._established_rx(flow, where, p, opts, sure=sure, why="before the subflow is fully established")
