@@ -283,6 +283,31 @@ def test_a_reset_after_the_nodes_acknowledged_fin_may_go_unread(tmp_path, kernel
     assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
 
 
+@pytest.mark.parametrize("answer", ["socket-reset", "ack"])
+def test_a_reset_in_sequence_is_settled_by_what_the_node_sends_next(tmp_path, answer):
+    # s1's stack discarded c1's last data (seen live: unmapped data on a join not yet fully
+    # established), so c1's reset, in sequence by the captures, is not: s1 resets the subflow
+    # itself (a socket: RST with ACK), or answers with a challenge ACK (or data queued before).
+    w = Wire()
+    established(w)
+    w.seg(C1, 40000, S, 80, "A", [DSS(flags="AaMm", data_ack=101, dsn=101, ssn=101, data_level_length=50)],
+          payload=b"z" * 50)  # captured at s1, dropped by its stack
+    w.seg(C1, 40000, S, 80, "RA", [MPTCPRst(reason=0)])
+    if answer == "socket-reset":
+        w.seg(S, 80, C1, 40000, "RA", [MPTCPRst(reason=6)], seq=101 + 100_000)
+        kernel = with_handshake(c1={"MPRstTx": 1}, s1={"MPRstTx": 1})
+    else:
+        w.seg(S, 80, C1, 40000, "A", [DSS(flags="Aa", data_ack=101)])
+        kernel = with_handshake(c1={"MPRstTx": 1})
+    got = compare(tmp_path, w, kernel)
+    assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
+    rx, tx = got[("s1", "MPRstRx")], got[("s1", "MPRstTx")]
+    if answer == "socket-reset":
+        assert (rx.low, rx.high, tx.low, tx.high) == (0, 0, 1, 1)
+    else:
+        assert (rx.low, rx.high) == (0, 1) and "challenge ACK" in rx.explanation
+
+
 def test_options_before_the_initiator_is_fully_established_are_only_possible(tmp_path):
     w = Wire()
     handshake(w)  # no Data ACK from s1 yet: c1's subflow is not fully established

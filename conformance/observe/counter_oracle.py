@@ -196,7 +196,11 @@ class _Flow:
     different_port: bool = False  # not the port of the connection's initial subflow
     established: bool = False  # the listener's child socket exists (the handshake completed on it)
     fully_established: bool = False  # the initiator's subflow has seen the peer's Data ACK
-    closed: bool = False  # the node's socket for it is gone (a reset took effect)
+    closed: bool | None = False  # the node's socket for it is gone (a reset took effect); None: perhaps
+    # A received reset the captures place in sequence: whether the node's stack read it (it may have
+    # discarded data the capture shows, e.g. unmapped data before a join is fully established) is
+    # told by what the node sends next (see _settle_reset).
+    held_reset: tuple[Where, Packet, list] | None = None
     fallen_back: bool = False  # fell back after the handshake: the node ignores MPTCP options from now
     infinite_rx: Where | None = None  # an infinite mapping received and not yet known to be read
     pending: list[tuple[str, Where, bool]] = field(default_factory=list)  # decision, where, flag
@@ -368,9 +372,12 @@ class _NodeView:
             elif flow.sent_synack == "MPJoinSynAck":
                 self._join_ack(flow, where, opts)
             return
-        if flow.closed or not (flow.synack_seen if flow.n_initiated else flow.established):
+        if flow.closed is True or not (flow.synack_seen if flow.n_initiated else flow.established):
             return  # no subflow socket on the node (a request socket, or none): no MPTCP option is read
         sure = True
+        doubt = "before the subflow is fully established"
+        if flow.closed is None:
+            sure, doubt = False, "after a reset that may have closed the subflow"
         if flow.n_initiated and not flow.fully_established:
             # check_fully_established(): the initiator's subflow reads options once a Data ACK
             # (or an ADD_ADDR) from the peer has made it fully established, from that segment on.
@@ -384,8 +391,11 @@ class _NodeView:
             takes = flow.reset_takes(p)
             if takes is False:
                 return  # out of sequence: a challenge ACK, the reset and its options are not read
+            if takes and sure and not flow.n_fin_acked:
+                flow.held_reset, flow.closed = (where, p, opts), True
+                return
             if not sure:
-                why = "before the subflow is fully established"
+                why = doubt
             elif takes is None:
                 why = "reset whose sequence number the captures cannot place"
             else:
@@ -395,9 +405,27 @@ class _NodeView:
                 why = "reset after the node's FIN was acknowledged (FIN_WAIT2: a timewait socket if orphaned)"
             self._established_rx(flow, where, p, opts, sure=sure and bool(takes) and not flow.n_fin_acked,
                                  why=why)
-            flow.closed = bool(takes)
+            flow.closed = True if takes else None
             return
-        self._established_rx(flow, where, p, opts, sure=sure, why="before the subflow is fully established")
+        self._established_rx(flow, where, p, opts, sure=sure, why=doubt)
+
+    def _settle_reset(self, flow: _Flow, p: Packet | None) -> None:
+        """The held reset, once the node's next segment on the subflow (`p`; None: it sent none)
+        shows whether its stack read it. A reset with ACK is written by a socket: the node's socket
+        outlived the reset (or reset first itself), which was not read. A reset without ACK is a
+        stateless reply: no socket any more, the reset was read, as when the node falls silent. Any
+        other segment is a challenge ACK, or was queued before the reset arrived: either."""
+        where, rst, opts = flow.held_reset
+        flow.held_reset = None
+        if p is None or (p.flags & RST and not p.flags & ACK):
+            self._established_rx(flow, where, rst, opts, sure=True, why="")
+        elif p.flags & RST:
+            flow.closed = False
+        else:
+            flow.closed = None
+            self._established_rx(flow, where, rst, opts, sure=False,
+                                 why="the node sent on the subflow after this reset (a challenge ACK, or "
+                                     "segments queued before it arrived)")
 
     def _join_keys(self, flow: _Flow) -> tuple[int | None, int | None]:
         """(responder's key, initiator's key) of a join subflow."""
@@ -484,6 +512,8 @@ class _NodeView:
     # -- what the node sent ----------------------------------------------------------------------
     def _sent(self, flow: _Flow, where: Where, p: Packet, names: set[str], opts: list) -> None:
         t = self.tally
+        if flow.held_reset is not None:
+            self._settle_reset(flow, p)
         if flow.pending:
             self._resolve(flow, p, names)
         syn, ack, rst = bool(p.flags & SYN), bool(p.flags & ACK), bool(p.flags & RST)
@@ -520,12 +550,14 @@ class _NodeView:
         if any(n == "DSS" and _infinite(f) for n, f in opts):
             tags.add("infinite")
         flow.last_tx = ((p.seq + p.payload_len) & SEQ, frozenset(tags)) if p.payload_len else None
+        doubt = False
         if rst:
             # A reset written by a subflow socket carries ACK; one the stack sends in reply to a
             # segment no socket takes (tcp_v4_send_reset) has no ACK, or answers a SYN the node
             # never accepted. MPTCP options on those are copied from the refused segment's
             # reason, not written by an MPTCP socket: MPRstTx and MPFastcloseTx do not count them.
-            active = ack and not flow.closed and (flow.syn_sent or flow.sent_synack is not None)
+            active = ack and flow.closed is not True and (flow.syn_sent or flow.sent_synack is not None)
+            doubt = flow.closed is None
             flow.closed = True
             if not active:
                 return
@@ -535,6 +567,8 @@ class _NodeView:
         def count(name: str, tag: str, n: int = 1) -> None:
             if tag in repeats:
                 t.maybe(name, where, "option repeated on a continued data segment (one GSO write?)", n)
+            elif rst and doubt:
+                t.maybe(name, where, "a reset after one the node may have read (then no socket wrote it)", n)
             else:
                 t.sure(name, where, n)
 
@@ -619,6 +653,8 @@ class _NodeView:
                 # (mptcp_sendmsg_frag()); a connection that stalls may never send that data.
                 self.tally.maybe("InfiniteMapTx", where, "owed after the peer's MP_FAIL, not on the wire")
         for flow in self.flows.values():
+            if flow.held_reset is not None:
+                self._settle_reset(flow, None)
             if flow.infinite_rx is not None:
                 self.tally.maybe("InfiniteMapRx", flow.infinite_rx,
                                  "the node never closed the subflow cleanly: it may not have read it")
