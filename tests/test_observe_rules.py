@@ -38,6 +38,27 @@ def _outcomes(judgments, rid):
     return {j.outcome for j in judgments if j.rid == rid}
 
 
+def test_a_stand_alone_data_fin_with_a_64_bit_dsn_is_no_data_to_ack_with_64_bits(tmp_path):
+    # Seen live: a listener with nothing to send maps its DATA_FIN alone with a 64-bit DSN; Linux
+    # goes on Data-ACKing with 32 bits, as it may for a peer that sent no 64-bit-mapped data.
+    pkts = [*data_connection(close=False)[:4],
+            _s("A", [_dss("AaMmF", ack=IDSN_C + 5, dsn=IDSN_S + 1, ssn=0, dll=1)], acked=4),
+            _c("A", [_dss("A", ack=IDSN_S + 2)], sent=4, acked=1)]
+    judgments = _judge(tmp_path, pkts)
+    assert "fail" not in _outcomes(judgments, "R3.3.2-01"), [str(j) for j in judgments if j.rid == "R3.3.2-01"]
+    assert "fail" in _outcomes(_judge(tmp_path, DEFECTS["R3.3.2-01"](), "defect.pcap"), "R3.3.2-01")
+
+
+def test_a_reset_with_mp_fail_at_close_is_not_judged_as_a_close(tmp_path):
+    # Seen live: a checksum failure after the listener's DATA_FIN was Data-ACKed; §3.7 wants the
+    # subflow reset with MP_FAIL, which R3.3.3-03/-04 must not count as closing by RST.
+    pkts = [*data_connection()[:9], _c("R", [MPFail(dsn=IDSN_C + 5)], sent=9, acked=5)]
+    judgments = _judge(tmp_path, pkts)
+    for rid in ("R3.3.3-03", "R3.3.3-04"):
+        assert "fail" not in _outcomes(judgments, rid), rid
+        assert "fail" in _outcomes(_judge(tmp_path, DEFECTS[rid](), "defect.pcap"), rid)
+
+
 def full_connection() -> list:
     """connection() with what the remaining rules look at: the ADD_ADDR sent again (same
     address), then withdrawn and its ID rebound; a stand-alone DATA_FIN, an MP_FASTCLOSE with the

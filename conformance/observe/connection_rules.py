@@ -174,6 +174,9 @@ def _close(conn: Connection) -> Iterable[Judgment]:
             # Only a reset at close counts: one before this host's DATA_FIN ended a failed subflow.
             reset_by_me = (rst is not None and sub.rst_side == mine and (fin is None or rst.time < fin.time)
                            and rst.time >= closing.time)
+            if reset_by_me and any(on_rst and w.pcap == rst.pcap and w.frame == rst.frame
+                                   for w, _, _, on_rst in conn.mp_fail_at):
+                continue  # the RST + MP_FAIL that §3.7 asks for on a checksum failure, not a close
             if fin is not None and (rst is None or fin.time <= rst.time):
                 yield Judgment("R3.3.3-04", PASS, f"the {who} closes subflow {_ports(sub)} with a FIN", [fin])
                 if acked is not None:

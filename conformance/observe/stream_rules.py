@@ -462,7 +462,8 @@ class DataAckRules(StreamRules):
         if sst is None:  # per direction: [last Data ACK sent, (where, end seq) of an infinite mapping]
             sst = sub.scratch[self] = ([None, None], [None, None])
         if flags & DSS_M:
-            if flags & DSS_M8 and cst.first64[cs] is None:
+            # "If data is received with a 64-bit DSN" (§3.3.2): a stand-alone DATA_FIN is no data.
+            if flags & DSS_M8 and p.payload_len and cst.first64[cs] is None:
                 cst.first64[cs] = dss["dsn"]
             if dss.get("data_level_length") == 0:
                 sst[side][1] = (where, (p.seq + p.payload_len) % 2**32)
