@@ -260,6 +260,12 @@ def _norm(addr: str) -> str:
     return ip.compressed
 
 
+def _fallen_back(conn: Connection, where: Where) -> bool:
+    """The connection runs as plain TCP at `where`: from its handshake, or from the point one side
+    stopped speaking MPTCP (after MP_FAIL, say): the options before that point were real."""
+    return conn.fallback is not None and (conn.fallback_from is None or where.time >= conn.fallback_from.time)
+
+
 def _first(opts: list[tuple[str, dict]], name: str) -> dict | None:
     return next((f for n, f in opts if n == name), None)
 
@@ -464,7 +470,7 @@ class _NodeView:
     def _established_rx(self, flow: _Flow, where: Where, p: Packet, opts: list, sure: bool, why: str) -> None:
         """Options the receiving subflow hands to mptcp_incoming_options()."""
         conn = flow.conn
-        if conn is None or not opts or conn.fallback is not None or flow.fallen_back:
+        if conn is None or not opts or _fallen_back(conn, where) or flow.fallen_back:
             return  # a fallen-back connection ignores MPTCP options
 
         def count(name: str, n: int = 1) -> None:
@@ -561,7 +567,7 @@ class _NodeView:
             flow.closed = True
             if not active:
                 return
-        if conn is None or not opts or conn.fallback is not None:
+        if conn is None or not opts or _fallen_back(conn, where):
             return
 
         def count(name: str, tag: str, n: int = 1) -> None:

@@ -139,6 +139,7 @@ class Connection:
     # Highest 64-bit DSN each side has mapped (end of its mappings), for expanding 32-bit values.
     dsn_end: list[int | None] = field(default_factory=lambda: [None, None])
     fallback: str | None = None  # why the connection runs as plain TCP, if it does
+    fallback_from: Where | None = None  # where it began to (None: from its handshake)
     # Per side: where that side started sending without any MPTCP option (its third ACK, or data on
     # the first subflow) and never sent one again: it fell back to plain TCP there (§3.1, §3.7).
     bare_tail: list[Where | None] = field(default_factory=lambda: [None, None])
@@ -250,6 +251,7 @@ class ModelBuilder:
                     tail = conn.bare_tail[side]
                     if tail is not None:
                         conn.fallback = f"the {who} sends no MPTCP option from {tail} on"
+                        conn.fallback_from = tail
                         break
         return self.connections
 
