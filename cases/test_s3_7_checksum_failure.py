@@ -121,9 +121,7 @@ def test_checksum_failure_on_one_of_two_subflows_resets_it_with_mp_fail(lab):
                "(12 bytes)", expected="length 12", seen=describe(rst), rid="R3.7-L02")
         _never_acked_before_resent(e, at_server, first, server, dsn, rst)
         _resent_elsewhere(e, run.segments("c1-eth0"), dsn, rst)
-    e.that(run.client.get("mptcp") is True and run.client.get("fallback") is False,
-           "the connection stays MPTCP on the first subflow", expected="MPTCP",
-           seen={k: run.client.get(k) for k in ("fallback", "mptcp")})
+    run.expect_stays_mptcp(e, "the connection stays MPTCP on the first subflow")
     e.counter(run.counters, "s1", "DataCsumErr", 1)
     e.counter(run.counters, "s1", "MPFailTx", 1)
     e.counter(run.counters, "c1", "MPFailRx", 1)
@@ -264,9 +262,7 @@ def test_payload_change_without_checksums_goes_unnoticed(lab):
     noticed = [s for s in hs.stream if s.mptcp("MP_FAIL") or s.has("R")]
     e.that(not noticed, "without checksums neither host can notice: no MP_FAIL, no reset", expected="none",
            seen=describe(noticed[0]) if noticed else "none")
-    e.that(run.client.get("mptcp") is True and run.client.get("fallback") is False,
-           "the connection stays MPTCP", expected="MPTCP",
-           seen={k: run.client.get(k) for k in ("fallback", "mptcp")})
+    run.expect_stays_mptcp(e)
     e.that(run.server.get("sha256_received") != run.server.get("sha256_expected")
            and run.server.get("bytes_received") == MB,
            "the server's application receives all the bytes, one of them changed (what checksums are for; "

@@ -206,12 +206,6 @@ def _join(segments, where):
     return found[0]
 
 
-def _stays_mptcp(e, run):
-    e.that(run.client.get("mptcp") is True and run.client.get("fallback") is False,
-           "the connection stays MPTCP on the first path", expected="MPTCP",
-           seen={k: run.client.get(k) for k in ("fallback", "mptcp")})
-
-
 @pytest.mark.families("ipv4")
 @pytest.mark.rfc8684("R3.2-11", "R3.2-12")
 def test_join_synack_stripped_subflow_is_reset(lab):
@@ -234,7 +228,7 @@ def test_join_synack_stripped_subflow_is_reset(lab):
     e.that(not joined, "the client never completes the join (no third ACK with MP_JOIN)", expected="none",
            seen=describe(joined[0]) if joined else "none", rid="R3.2-12")
     e.counter(run.counters, "c1", "MPJoinSynAckRx", 0, rid="R3.2-12")
-    _stays_mptcp(e, run)
+    run.expect_stays_mptcp(e, "the connection stays MPTCP on the first path")
     run.expect_intact(e)
 
 
@@ -270,6 +264,6 @@ def test_join_losing_options_is_reset(lab):
         reasons = [o.get("reason") for o in at_sender.mptcp("MP_TCPRST")]
         e.that(reasons == [MIDDLEBOX_RESET], "the reset carries MP_TCPRST reason 0x06 (middlebox interference)",
                expected="MP_TCPRST reason 6", seen=describe(at_sender), rid="R3.7-07")
-    _stays_mptcp(e, run)
+    run.expect_stays_mptcp(e, "the connection stays MPTCP on the first path")
     e.counter(run.counters, "c1", "MPJoinSynAckRx", 1)
     run.expect_intact(e)

@@ -37,6 +37,9 @@ TRANSFER = [sys.executable, "-m", "conformance.endpoints.transfer"]
 MB = 1_000_000
 
 
+_OUTCOME = ("bytes_received", "error", "send_error", "receive_error")  # what a failed report shows
+
+
 @dataclass
 class TransferRun:
     """What one transfer left behind: endpoint reports, counter deltas, captures."""
@@ -71,12 +74,17 @@ class TransferRun:
     def payload_bytes(self, intf: str) -> int:
         return sum(s.payload for s in self.segments(intf))
 
+    def expect_stays_mptcp(self, e: Expect, what: str = "the connection stays MPTCP") -> None:
+        """The client's socket still runs MPTCP at the end (MPTCP_INFO, no fallback)."""
+        e.that(self.client.get("mptcp") is True and self.client.get("fallback") is False, what, expected="MPTCP",
+               seen={k: self.client.get(k) for k in ("fallback", "mptcp")})
+
     def expect_intact(self, e: Expect) -> None:
         """Both ends received exactly the peer's bytes (sizes and SHA-256 in the endpoint reports)."""
         for role, report in (("client", self.client), ("server", self.server)):
             want = report.get("bytes_expected")
             e.that(report.get("ok") is True, f"{role} received the peer's {want} bytes intact (SHA-256)",
-                   expected="ok", seen={k: report.get(k) for k in ("bytes_received", "error")})
+                   expected="ok", seen={k: report[k] for k in _OUTCOME if report.get(k) is not None})
 
 
 @dataclass

@@ -308,6 +308,24 @@ def test_a_reset_in_sequence_is_settled_by_what_the_node_sends_next(tmp_path, an
         assert (rx.low, rx.high) == (0, 1) and "challenge ACK" in rx.explanation
 
 
+def test_the_mp_fail_answer_after_a_fallback_began_may_still_be_read(tmp_path):
+    # Seen live (checksum failure on the only subflow): s1 sends MP_FAIL and goes on as plain TCP
+    # at once; c1's MP_FAIL answer arrives after that point, and s1's kernel may still read it.
+    w = Wire()
+    handshake(w, checksum=True)
+    w.seg(S, 80, C1, 40000, "A", [DSS(flags="Aa", data_ack=1)])
+    w.seg(S, 80, C1, 40000, "A", [DSS(flags="Aa", data_ack=1), MPFail(dsn=7)])
+    w.seg(S, 80, C1, 40000, "PA", payload=b"p" * 50)  # s1 speaks no MPTCP from here on
+    w.seg(C1, 40000, S, 80, "A", [DSS(flags="A", data_ack=51), MPFail(dsn=7)])
+    w.seg(C1, 40000, S, 80, "PA", payload=b"q" * 50)
+    for read in (0, 1):
+        got = compare(tmp_path, w, with_handshake(s1={"MPFailTx": 1, "DataCsumErr": 1, "MPFailRx": read},
+                                                   c1={"MPFailRx": 1, "MPFailTx": 1}))
+        assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
+        rx, tx = got[("s1", "MPFailRx")], got[("c1", "MPFailTx")]
+        assert (rx.low, rx.high, tx.low, tx.high) == (0, 1, 1, 1) and "fell back" in rx.explanation
+
+
 def test_options_before_the_initiator_is_fully_established_are_only_possible(tmp_path):
     w = Wire()
     handshake(w)  # no Data ACK from s1 yet: c1's subflow is not fully established

@@ -127,7 +127,10 @@ def abort(sock: socket.socket) -> None:
 
 
 def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflows: int,
-             wait_timeout: float, abort_after: int | None = None, send_delay: float = 0.0) -> dict:
+             wait_timeout: float, abort_after: int | None = None, send_delay: float = 0.0,
+             deadline: float | None = None) -> dict:
+    """Send and receive at once; `deadline` (time.monotonic()) bounds the whole exchange: a
+    connection the kernel stalls, or that trickles, still ends in a report of what got through."""
     peer_role = "server" if role == "client" else "client"
     report: dict = {"role": role, "bytes_to_send": send, "bytes_expected": expect}
     t0 = time.monotonic()
@@ -169,8 +172,15 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     thread.start()
     received, h = 0, hashlib.sha256()
     peak_info = None
+    receive_error = None
     while True:
-        chunk = sock.recv(1 << 16)
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError as exc:
+            receive_error = f"{type(exc).__name__}: {exc}"
+            break
         if not chunk:
             break
         received += len(chunk)
@@ -179,10 +189,13 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
             peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
         if abort_after is not None and received >= abort_after:
             return _aborted(sock, report, received, h.hexdigest(), peer_role, expect, t0)
-    thread.join(120)
+    thread.join(120 if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0)
+    if thread.is_alive() and not send_error:
+        send_error.append("still sending at the deadline")
     report.update({
         "bytes_sent": send if not send_error and not thread.is_alive() else None,
         "send_error": send_error[0] if send_error else None,
+        "receive_error": receive_error,
         "sha256_sent": sent.hexdigest(),
         "bytes_received": received,
         "sha256_received": h.hexdigest(),
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expect", type=int, default=0, help="bytes this side expects from the peer")
     ap.add_argument("--wait-subflows", type=int, default=1, help="hold data until this many subflows")
     ap.add_argument("--wait-timeout", type=float, default=5.0)
-    ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds the whole exchange may take from the start (connect or accept included)")
     ap.add_argument("--report", required=True, help="path of the JSON report to write")
     ap.add_argument("--abort-after", type=int, default=None, metavar="BYTES",
                     help="after receiving BYTES, close with SO_LINGER 0 (MP_FASTCLOSE) instead of finishing")
@@ -240,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     family = _family(args.addr)
     report: dict
     lsock = None
+    deadline = time.monotonic() + args.timeout
     try:
         if args.role == "server":
             lsock = socket.socket(family, socket.SOCK_STREAM, proto)
@@ -260,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         sock.settimeout(args.timeout)
         local = list(sock.getsockname()[:2])  # read now: an aborting exchange closes the socket
         report = exchange(sock, args.role, args.send, args.expect, args.wait_subflows, args.wait_timeout,
-                          args.abort_after, args.send_delay)
+                          args.abort_after, args.send_delay, deadline)
         report.update({"local": local, "peer": list(peer[:2]), "socket": "tcp" if args.tcp else "mptcp"})
         sock.close()
         if lsock is not None:

@@ -260,10 +260,15 @@ def _norm(addr: str) -> str:
     return ip.compressed
 
 
-def _fallen_back(conn: Connection, where: Where) -> bool:
-    """The connection runs as plain TCP at `where`: from its handshake, or from the point one side
-    stopped speaking MPTCP (after MP_FAIL, say): the options before that point were real."""
-    return conn.fallback is not None and (conn.fallback_from is None or where.time >= conn.fallback_from.time)
+def _fallen_back(conn: Connection, where: Where) -> str | None:
+    """Whether the connection runs as plain TCP at `where`: "handshake" (it never ran MPTCP), "later"
+    (from the point one side stopped speaking MPTCP, e.g. after MP_FAIL: the two hosts do not drop
+    out at the same instant, and the MP_FAIL answering one may still be read), or None."""
+    if conn.fallback is None:
+        return None
+    if conn.fallback_from is None:
+        return "handshake"
+    return "later" if where.time >= conn.fallback_from.time else None
 
 
 def _first(opts: list[tuple[str, dict]], name: str) -> dict | None:
@@ -470,8 +475,13 @@ class _NodeView:
     def _established_rx(self, flow: _Flow, where: Where, p: Packet, opts: list, sure: bool, why: str) -> None:
         """Options the receiving subflow hands to mptcp_incoming_options()."""
         conn = flow.conn
-        if conn is None or not opts or _fallen_back(conn, where) or flow.fallen_back:
+        if conn is None or not opts or flow.fallen_back:
             return  # a fallen-back connection ignores MPTCP options
+        fallen = _fallen_back(conn, where)
+        if fallen == "handshake":
+            return
+        if fallen == "later":
+            sure, why = False, f"after the connection fell back ({conn.fallback})"
 
         def count(name: str, n: int = 1) -> None:
             if sure:
@@ -567,8 +577,8 @@ class _NodeView:
             flow.closed = True
             if not active:
                 return
-        if conn is None or not opts or _fallen_back(conn, where):
-            return
+        if conn is None or not opts or _fallen_back(conn, where) == "handshake":
+            return  # options written after a later fallback were still written (MP_FAIL's answer)
 
         def count(name: str, tag: str, n: int = 1) -> None:
             if tag in repeats:

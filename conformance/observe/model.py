@@ -246,13 +246,11 @@ class ModelBuilder:
         """The connections, once every capture is read: a side whose last segments speak no MPTCP
         (from its third ACK, or from a data segment on) fell back to plain TCP there."""
         for conn in self.connections:
-            if conn.fallback is None:
-                for side, who in ((0, "initiator"), (1, "listener")):
-                    tail = conn.bare_tail[side]
-                    if tail is not None:
-                        conn.fallback = f"the {who} sends no MPTCP option from {tail} on"
-                        conn.fallback_from = tail
-                        break
+            tails = [(tail.time, side, tail) for side, tail in enumerate(conn.bare_tail) if tail is not None]
+            if conn.fallback is None and tails:
+                _, side, tail = min(tails)  # the connection runs as plain TCP from the first of them
+                conn.fallback = f"the {('initiator', 'listener')[side]} sends no MPTCP option from {tail} on"
+                conn.fallback_from = tail
         return self.connections
 
     def feed(self, pcap: str, p: Packet) -> None:
