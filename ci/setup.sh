@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-DEBS=(mininet iproute2 iptables nftables tcpdump tshark ethtool procps iputils-ping python3 python3-venv)
+DEBS=(mininet iproute2 iptables nftables tcpdump tshark ethtool procps iputils-ping python3 python3-venv chromium)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

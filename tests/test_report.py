@@ -249,8 +249,8 @@ def test_write_all_and_json_round_trip(tmp_path: Path) -> None:
     folder = tmp_path / "reports" / "20250102T030405Z"
     out = writers.write_all(results, CAT, folder)
     assert out == {"json": folder / "results.json", "markdown": folder / "report.md",
-                   "junit": folder / "junit.xml"}
-    assert sorted(p.name for p in folder.iterdir()) == ["junit.xml", "report.md", "results.json"]
+                   "junit": folder / "junit.xml", "html": folder / "report.html"}
+    assert sorted(p.name for p in folder.iterdir()) == ["junit.xml", "report.html", "report.md", "results.json"]
     assert RunResults.read_json(out["json"]) == results
 
 

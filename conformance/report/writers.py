@@ -418,13 +418,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-FILES = {"json": "results.json", "markdown": "report.md", "junit": "junit.xml"}
+FILES = {"json": "results.json", "markdown": "report.md", "junit": "junit.xml", "html": "report.html"}
 
 
 def write_all(results: RunResults, catalogue: Catalogue, folder: Path) -> dict[str, Path]:
-    """Write results.json, report.md and junit.xml into `folder`; returns {"json"|"markdown"|"junit": path}.
+    """Write results.json, report.md, junit.xml and report.html into `folder`; returns {key: path} (FILES).
 
-    All three are rendered into a staging directory first and only renamed into place once every
+    All are rendered into a staging directory first and only renamed into place once every
     writer succeeded, so a failing writer leaves neither half-written files nor a mismatched set."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -435,6 +435,10 @@ def write_all(results: RunResults, catalogue: Catalogue, folder: Path) -> dict[s
         # Links must point from the final location, not from the staging directory.
         write_markdown(results, catalogue, staged["markdown"], link_base=folder)
         write_junit(results, staged["junit"])
+        from conformance.report.html import render_html  # html builds on this module
+
+        page = render_html(results, catalogue, folder)
+        _atomic_write_text(staged["html"], _CONTROL.sub("", _ANSI.sub("", page)))
         out = {}
         for key, src in staged.items():
             dest = folder / FILES[key]
