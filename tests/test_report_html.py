@@ -127,8 +127,12 @@ def _chromium() -> str:
 
 
 def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--no-first-run", f"--user-data-dir={profile}", *args],
+    # In a network namespace of its own (only a loopback, gone with the process): the page needs
+    # no network, and the browser must not reach any address we did not create.
+    return subprocess.run(["unshare", "--net", binary, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-pings",
+                           f"--user-data-dir={profile}", *args],
                           capture_output=True, text=True, timeout=120, check=False)
 
 
