@@ -3,6 +3,7 @@ filters that work offline, and the page as headless Chromium renders it."""
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import struct
@@ -51,8 +52,13 @@ def _capture(folder: Path) -> Path:
                                                                 options=[MPCapable(flags="H")])
     synack = Ether() / IP(src="198.19.0.2", dst="198.18.1.2") / TCP(sport=5201, dport=40000, flags="SA",
                                                                    options=[MPCapable(flags="H", sender_key=7)])
+    data = [Ether() / IP(src="198.18.1.2", dst="198.19.0.2") / TCP(sport=40000, dport=5201, flags="A",
+                                                                   seq=1 + 100 * i) / (b"x" * 100)
+            for i in range(3)]
+    for i, pkt in enumerate([syn, synack, *data]):
+        pkt.time = 1000.0 + i / 100
     path = folder / "c1-eth0.pcap"
-    wrpcap(str(path), [syn, synack])
+    wrpcap(str(path), [syn, synack, *data])
     return path
 
 
@@ -110,6 +116,17 @@ def test_a_failed_requirement_is_two_clicks_from_its_frame(tmp_path: Path) -> No
     card = text[text.index(f'id="{missing}"'):]
     assert "not in the artefacts" in card[:card.index("</div>")]
     assert "artefacts/missing/s1-eth0.pcap" not in page.hrefs
+
+
+def test_each_case_with_client_captures_gets_its_sequence_plot(tmp_path: Path) -> None:
+    text = render_html(_results(tmp_path), CAT, tmp_path)
+    blocks = {m.group(1): m.group(2) for m in re.finditer(
+        r'<div class="case" id="(case-\d+)">(.*?)(?=<div class="case"|<script>)', text, re.S)}
+    with_plot = [anchor for anchor, block in blocks.items() if 'class="plot"' in block]
+    assert with_plot == ["case-1"]  # only the failing case has captures in its artefacts
+    uri = re.search(r'<img class="plot" alt="[^"]*" src="data:image/png;base64,([^"]+)"', text).group(1)
+    assert base64.b64decode(uri)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'class="plot"' not in render_html(_results(tmp_path), CAT, tmp_path, plots=False)
 
 
 def test_write_all_writes_the_page_with_the_other_files(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import jinja2
 
 from conformance.errors import InputError
 from conformance.report.model import OUTCOMES, CaseResult, RunResults
+from conformance.report.plots import client_captures, sequence_plot
 from conformance.report.writers import (
     LEVEL_GROUPS,
     VERDICTS,
@@ -64,6 +65,7 @@ class CaseView:
     href: str | None  # artefact folder, relative to the report
     checks: list[tuple[str, list[Part]]] = field(default_factory=list)  # (ok|fail|deviation, sentence)
     cards: list[FrameCard] = field(default_factory=list)
+    plot: str | None = None  # the sequence/time plot, a PNG data URI
 
 
 class _Frames:
@@ -93,12 +95,19 @@ class _Frames:
             return self.cards[key]
         if len(view.cards) >= _CARDS_PER_CASE:
             return None
-        path = folder / pcap if folder is not None else None
+        # A capture is in the case's folder, or in a subfolder of one of its runs (transfer-2/,
+        # script-<port>/); evidence names the file only, so a name several runs share is ambiguous.
+        found = [] if folder is None else [folder / pcap] if (folder / pcap).is_file() else sorted(
+            folder.rglob(pcap))
         anchor = f"f{len(self.cards) + 1}"
-        if path is None or not path.is_file():
+        if not found:
             card = FrameCard(anchor, pcap, frame, None, "the capture is not in the artefacts")
         else:
-            card = FrameCard(anchor, pcap, frame, f"{view.href}/{pcap}", self._decode(path, frame))
+            rel = found[0].relative_to(folder).as_posix()
+            decoded = self._decode(found[0], frame)
+            if len(found) > 1:
+                decoded += f"\n(from {rel}: {len(found)} captures of the case bear this name)"
+            card = FrameCard(anchor, rel, frame, f"{view.href}/{rel}", decoded)
         self.cards[key] = card
         view.cards.append(card)
         return card
@@ -122,8 +131,9 @@ def _folder(artefacts: str | None, base: Path) -> tuple[str | None, Path | None]
     return href, (base / href).resolve()
 
 
-def render_html(results: RunResults, catalogue: Catalogue, link_base: Path) -> str:
-    """The report page; links (artefacts, captures) are relative to `link_base`, the report's folder."""
+def render_html(results: RunResults, catalogue: Catalogue, link_base: Path, *, plots: bool = True) -> str:
+    """The report page; links (artefacts, captures) are relative to `link_base`, the report's folder.
+    `plots`: draw each case's sequence/time plot from its client captures (matplotlib)."""
     base = Path(link_base).absolute()
     verdicts = requirement_verdicts(results, catalogue)
     labels = _case_labels(results.cases)
@@ -137,6 +147,8 @@ def render_html(results: RunResults, catalogue: Catalogue, link_base: Path) -> s
         for check in case.checks:
             state = "ok" if check.get("ok") else ("deviation" if check.get("deviation") else "fail")
             view.checks.append((state, frames.parts(view, folder, str(check.get("text", "")))))
+        if plots and folder is not None and folder.is_dir():
+            view.plot = sequence_plot(client_captures(folder), view.label)
 
     sections = []
     for section in catalogue.sections():
