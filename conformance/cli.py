@@ -25,7 +25,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     import pytest
 
     folder = Path(args.report or Path("reports") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
-    argv = [str(CASES_DIR), "-p", "no:cacheprovider", "--mptcp-report", str(folder), "-q"]
+    # The progress bar and its summary table replace pytest's own terminal output; failures are
+    # in the report (report.md, report.html), which the last line names.
+    argv = [str(CASES_DIR), "-p", "no:cacheprovider", "--mptcp-report", str(folder), "--mptcp-progress",
+            "-p", "no:terminal"]
     if args.jobs and args.jobs > 1:
         argv += ["-n", str(args.jobs)]
     for fam in args.family or []:
@@ -33,6 +36,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.k:
         argv += ["-k", args.k]
     rc = pytest.main(argv + extra)
+    print(f"mptcp-conformance run: report in {folder}/ (report.html, report.md, results.json, junit.xml)")
     # pytest: 0 all passed, 1 some failed, 5 none collected, 2-4 usage/internal errors.
     return {0: EXIT_OK, 1: EXIT_FAIL}.get(int(rc), EXIT_ENV)
 
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="also compare the verdicts with tshark's MPTCP analysis; a disagreement exits 1")
     chk.add_argument("--complete", action="store_true",
                      help="the captures show every subflow (all paths): judge Data ACKs against all data seen")
-    rep = sub.add_parser("report", help="render report.md and junit.xml again from a results.json")
+    rep = sub.add_parser("report", help="render report.md, report.html and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
     args, extra = ap.parse_known_args(argv)

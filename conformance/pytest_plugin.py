@@ -38,6 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default: reports/<UTC timestamp>)")
     group.addoption("--mptcp-family", action="append", choices=FAMILIES, default=None,
                     help="run cases only in these address families (repeatable)")
+    group.addoption("--mptcp-progress", action="store_true", default=False,
+                    help="show a progress bar over the cases and a summary table at the end (rich)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,6 +54,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_results_key] = RunResults(suite_version=__version__,
                                                 started=dt.datetime.now(dt.UTC).isoformat())
         config.stash[_partial_key] = {}
+        if config.getoption("mptcp_progress"):
+            from conformance.progress import RunProgress
+
+            config.pluginmanager.register(RunProgress(), "mptcp-progress")
     if os.geteuid() == 0:
         report = sweep_stale()
         if report.removed_netns:
