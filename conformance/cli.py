@@ -1,7 +1,7 @@
 """The `mptcp-conformance` command: doctor, run, check-pcap, report.
 
 Exit codes: 0 all judged requirements hold, 1 a required (MUST-class) one failed, 2 environment or
-input error (one line naming the input and the place)."""
+input error (one line naming the input and the place), 3 (run, report) only our oracles disagreed."""
 
 from __future__ import annotations
 
@@ -36,9 +36,25 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.k:
         argv += ["-k", args.k]
     rc = pytest.main(argv + extra)
-    print(f"mptcp-conformance run: report in {folder}/ (report.html, report.md, results.json, junit.xml)")
     # pytest: 0 all passed, 1 some failed, 5 none collected, 2-4 usage/internal errors.
-    return {0: EXIT_OK, 1: EXIT_FAIL}.get(int(rc), EXIT_ENV)
+    if int(rc) not in (0, 1):
+        return EXIT_ENV
+    print(f"mptcp-conformance run: report in {folder}/ (report.html, report.md, results.json, junit.xml)")
+    return _judged(folder / "results.json", args.strict)
+
+
+def _judged(results_json: Path, strict: bool) -> int:
+    """The run's exit code from its results (writers.exit_code)."""
+    from conformance.errors import InputError
+    from conformance.report.model import RunResults
+    from conformance.report.writers import exit_code
+    from conformance.requirements import load_catalogue
+
+    try:
+        return exit_code(RunResults.read_json(results_json), load_catalogue(), strict=strict)
+    except InputError as exc:
+        print(f"mptcp-conformance: {exc}", file=sys.stderr)
+        return EXIT_ENV
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -56,7 +72,7 @@ def _report(args: argparse.Namespace) -> int:
         return EXIT_ENV
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return EXIT_FAIL if results.counts()["fail"] or results.counts()["error"] else EXIT_OK
+    return _judged(paths["json"], args.strict)
 
 
 def _check_pcap(args: argparse.Namespace) -> int:
@@ -133,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--family", action="append", choices=("ipv4", "ipv6", "dual"))
     run.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
     run.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers (pytest-xdist)")
+    run.add_argument("--strict", action="store_true", help="a failed SHOULD-class requirement exits 1 too")
     chk = sub.add_parser("check-pcap",
                          help="rebuild the MPTCP connections of captures and judge the passive rules")
     chk.add_argument("pcap", nargs="+", help="pcap or pcapng files of one network (several links are merged)")
@@ -146,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="render report.md, report.html and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
+    rep.add_argument("--strict", action="store_true", help="a failed SHOULD-class requirement exits 1 too")
     args, extra = ap.parse_known_args(argv)
     if extra and args.command != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -239,7 +239,7 @@ class Lab:
         theirs = compare_judgments(pcaps, judgments)
         self.expect.that(not theirs, "oracle: tshark's MPTCP analysis agrees with the passive rules",
                          expected="no disagreement", seen="; ".join(str(d) for d in theirs[:5])
-                         or f"{len(judgments)} judgments, none contradicted")
+                         or f"{len(judgments)} judgments, none contradicted", oracle=True)
         captures = node_captures(run.pcaps, self.topo.interfaces())
         addresses = {n: self.topo.addresses(n) for n in captures}
         agreements = compare_counters(conns, run.counters, addresses, captures,
@@ -247,7 +247,8 @@ class Lab:
         wrong = counter_disagreements(agreements)
         self.expect.that(not wrong, "oracle: the kernel's MPTcpExt counters agree with the captures",
                          expected="every compared counter within what the captures imply",
-                         seen="; ".join(str(a) for a in wrong[:5]) or f"{len(agreements)} counters agree")
+                         seen="; ".join(str(a) for a in wrong[:5]) or f"{len(agreements)} counters agree",
+                         oracle=True)
 
     def _cross_check(self, run: TransferRun, intfs: set[str]) -> None:
         """Our codec against tshark on the endpoints' captures: a disagreement fails the case as an
@@ -258,7 +259,8 @@ class Lab:
             self.expect.that(not agreement.disagreements,
                              f"oracle: our codec and tshark agree on every MPTCP option in {intf}.pcap",
                              expected="no disagreement",
-                             seen=shown or f"{agreement.options} options and {agreement.fields} fields agree")
+                             seen=shown or f"{agreement.options} options and {agreement.fields} fields agree",
+                             oracle=True)
 
     def next_port(self) -> int:
         """A listening port no earlier run of this lab used (its captures stay apart)."""

@@ -178,8 +178,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         if call.when == "call" and the_lab is not None:
             report.user_properties.append(("evidence", the_lab.expect.evidence()))
             report.user_properties.append(("checks", [
-                {"requirement": c.requirement, "ok": c.ok, "text": str(c), **({"deviation": c.deviation}
-                                                                              if c.deviation else {})}
+                {"requirement": c.requirement, "ok": c.ok, "text": str(c),
+                 **({"deviation": c.deviation} if c.deviation else {}), **({"oracle": True} if c.oracle else {})}
                 for c in the_lab.expect.checks]))
             report.user_properties.append(("implementations", dict(the_lab.implementations)))
     return report
@@ -199,12 +199,18 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         entry["outcome"], entry["reason"] = "skip", _skip_reason(report)
     elif report.failed:
         if report.when == "call" and entry["outcome"] != "error":
-            entry["outcome"] = "fail"
+            entry["outcome"] = "oracle-disagreement" if _only_oracles(report) else "fail"
         else:
             entry["outcome"] = "error"
         entry["reason"] = (entry["reason"] + "\n" if entry["reason"] else "") + _failure_text(report)
     if report.when == "teardown":
         _finish_case(config, report.nodeid, partial.pop(report.nodeid))
+
+
+def _only_oracles(report: pytest.TestReport) -> bool:
+    """The case failed on oracle checks alone (verdict.OracleDisagreement)."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return crash is not None and crash.message.startswith("conformance.verdict.OracleDisagreement")
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

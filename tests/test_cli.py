@@ -31,20 +31,20 @@ def _results(outcome: str) -> RunResults:
                    outcome=outcome)])
 
 
-@pytest.mark.parametrize("outcome, code", [("pass", 0), ("fail", 1)])
+@pytest.mark.parametrize("outcome, code", [("pass", 0), ("fail", 1), ("error", 1), ("oracle-disagreement", 3)])
 def test_report_renders_again_and_exits_by_outcome(tmp_path, outcome, code):
     src = tmp_path / "results.json"
     _results(outcome).write_json(src)
     out = tmp_path / "again"
     assert main(["report", str(src), "--out", str(out)]) == code
-    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "junit.xml"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "junit.xml", "report.html"}
     assert json.loads((out / "results.json").read_text())["cases"][0]["outcome"] == outcome
 
 
 @pytest.mark.parametrize("text, words", [
     ("{", "not valid JSON"),
     ('{"schema_version": 99}', "schema_version 99"),
-    ('{"schema_version": 1, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}',
+    ('{"schema_version": 2, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}',
      "cases[0]: missing field"),
 ])
 def test_report_on_bad_results_is_one_error_and_writes_nothing(tmp_path, capsys, text, words):

@@ -125,12 +125,12 @@ def _expected_coverage_rows() -> dict[str, str]:
               "SHOULD": {"SHOULD", "SHOULD NOT", "RECOMMENDED", "NOT RECOMMENDED"},
               "MAY": {"MAY", "OPTIONAL"}, "implicit": {"implicit"}}
     rows = {}
-    totals = [0] * 7
+    totals = [0] * 8
     for name, levels in groups.items():
         testable = [r for r in CAT if r.level in levels and r.testability != "not-testable"]
         got = [EXPECTED.get(r.id, "not-covered") for r in testable]
         nums = [len(testable), sum(v != "not-covered" for v in got), got.count("pass"), got.count("deviation"),
-                got.count("fail"), got.count("skip"), got.count("not-covered")]
+                got.count("fail"), got.count("oracle-disagreement"), got.count("skip"), got.count("not-covered")]
         totals = [t + n for t, n in zip(totals, nums, strict=True)]
         rows[name] = f"| {name} | " + " | ".join(map(str, nums)) + " |"
     rows["total"] = "| total | " + " | ".join(map(str, totals)) + " |"
@@ -302,10 +302,10 @@ def test_malformed_results_file_is_one_clear_error(tmp_path) -> None:
     from conformance.errors import InputError
 
     bad = tmp_path / "results.json"
-    bad.write_text('{"schema_version": 1, "cases": [')
+    bad.write_text('{"schema_version": 2, "cases": [')
     with pytest.raises(InputError, match=r"results.json:1:\d+: not valid JSON"):
         RunResults.read_json(bad)
-    bad.write_text('{"schema_version": 1, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}')
+    bad.write_text('{"schema_version": 2, "suite_version": "0", "started": "t", "cases": [{"id": "x"}]}')
     with pytest.raises(InputError, match=r"cases\[0\]: missing field\(s\) name"):
         RunResults.read_json(bad)
 
@@ -355,3 +355,37 @@ def test_known_deviations_file_is_valid_and_bad_files_are_one_error(tmp_path: Pa
     bad.write_text("schema: 1\ndeviations:\n  linux:\n    - id: R3.1-14\n")
     with pytest.raises(InputError, match=r"deviations\.linux\[0\]"):
         known_deviations(bad)
+
+
+def test_an_oracle_disagreement_is_neither_a_pass_nor_a_failure_of_the_implementation() -> None:
+    """A case whose only failed checks are oracle checks: the requirement has no verdict yet."""
+    checks = [{"requirement": MUST_A, "ok": True, "text": f"[{MUST_A}] keys differ"},
+              {"requirement": None, "ok": False, "oracle": True,
+               "text": "oracle: tshark's MPTCP analysis agrees with the passive rules: expected no disagreement"}]
+    case = CaseResult(id="cases/test_x.py::test_x", name="test_x", description="", requirements=[MUST_A],
+                      outcome="oracle-disagreement", reason="1 of 2 checks failed", checks=checks)
+    results = RunResults(suite_version="0", started="t", cases=[case])
+    assert writers.requirement_verdicts(results, CAT)[MUST_A].verdict == "oracle-disagreement"
+    assert writers.exit_code(results, CAT) == writers.EXIT_ORACLE
+    assert "| MUST | " in writers.render_markdown(results, CAT)
+    failure = writers.render_junit(results).getroot().find(".//failure")
+    assert failure is not None and failure.get("message").startswith("oracle disagreement: ")
+
+
+def test_exit_codes_follow_the_required_requirements() -> None:
+    def run(*cases: CaseResult) -> RunResults:
+        return RunResults(suite_version="0", started="t", cases=list(cases))
+
+    def case(rid: str, outcome: str, n: int = 0) -> CaseResult:
+        return CaseResult(id=f"cases/t.py::c{n}", name="c", description="", requirements=[rid], outcome=outcome,
+                          checks=[{"requirement": rid, "ok": outcome == "pass", "text": "x"}])
+
+    assert writers.exit_code(run(case(MUST_A, "pass")), CAT) == writers.EXIT_OK
+    assert writers.exit_code(run(case(MUST_A, "fail")), CAT) == writers.EXIT_REQUIRED_FAILED
+    # A failed SHOULD is reported, not required, unless --strict.
+    assert writers.exit_code(run(case(SHOULD_B, "fail")), CAT) == writers.EXIT_OK
+    assert writers.exit_code(run(case(SHOULD_B, "fail")), CAT, strict=True) == writers.EXIT_REQUIRED_FAILED
+    assert writers.exit_code(run(case(MAY_D, "pass"), case(SHOULD_B, "error", 1)), CAT) == writers.EXIT_ENVIRONMENT
+    # A required failure outranks an errored case and an oracle disagreement.
+    mixed = run(case(MUST_A, "fail"), case(MAY_D, "error", 1), case(MUST_C, "oracle-disagreement", 2))
+    assert writers.exit_code(mixed, CAT) == writers.EXIT_REQUIRED_FAILED

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from conformance.errors import InputError
 
-SCHEMA_VERSION = 1
-OUTCOMES = ("pass", "fail", "skip", "error")
+SCHEMA_VERSION = 2
+OUTCOMES = ("pass", "fail", "skip", "error", "oracle-disagreement")
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CaseResult:
     name: str  # short name (the test function)
     description: str  # first line of the case's docstring
     requirements: list[str]  # RFC 8684 requirement IDs the case proves
-    outcome: str  # pass | fail | skip | error
+    outcome: str  # pass | fail | skip | error | oracle-disagreement
     reason: str | None = None  # why it failed, skipped or errored
     duration_s: float = 0.0
     artefacts: str | None = None  # folder with pcaps, endpoint reports, counters, logs

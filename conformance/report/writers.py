@@ -20,7 +20,10 @@ from conformance.report.model import OUTCOMES, CaseResult, RunResults
 from conformance.requirements.catalogue import Catalogue, Requirement
 
 SUITE_NAME = "mptcp-conformance"
-VERDICTS = ("pass", "deviation", "fail", "skip", "not-covered")
+VERDICTS = ("pass", "deviation", "fail", "oracle-disagreement", "skip", "not-covered")
+# Exit codes of `run` and `report` (docs/results.md): every required requirement holds; one failed;
+# the environment or an input broke (a case errored); only our oracles disagreed.
+EXIT_OK, EXIT_REQUIRED_FAILED, EXIT_ENVIRONMENT, EXIT_ORACLE = 0, 1, 2, 3
 LEVEL_GROUPS = ("MUST", "SHOULD", "MAY", "implicit")
 _LEVEL_GROUP = {
     "MUST": "MUST", "MUST NOT": "MUST", "REQUIRED": "MUST", "SHALL": "MUST", "SHALL NOT": "MUST",
@@ -74,6 +77,8 @@ def case_outcome_for(case: CaseResult, rid: str) -> str:
     A failed case counts against `rid` unless every failed check names another requirement: then
     `rid` held in this case. A failure with no failed check (an exception) counts against all."""
     deviates = any(not c.get("ok") and c.get("deviation") and c.get("requirement") == rid for c in case.checks)
+    if case.outcome == "oracle-disagreement":
+        return case.outcome  # the requirement's own checks may hold, but its judges do not agree
     if case.outcome != "fail":
         return "deviation" if deviates and case.outcome == "pass" else case.outcome
     failed = [c for c in case.checks if not c.get("ok") and not c.get("deviation")]
@@ -91,6 +96,8 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     elif outcomes & {"fail", "error"}:
         # An error means the requirement could not be shown to hold; it must not read as a pass.
         verdict = "fail"
+    elif "oracle-disagreement" in outcomes:
+        verdict = "oracle-disagreement"  # no verdict until our judges agree
     elif "deviation" in outcomes:
         verdict = "deviation"  # a known deviation of the implementation: reported, not hidden
     elif "pass" in outcomes:
@@ -100,7 +107,8 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     reasons: list[str] = []
     for c in cases:
         outcome = case_outcome_for(c, rid)
-        if outcome in ("fail", "error", "deviation") or (outcome == "skip" and verdict == "skip"):
+        if outcome in ("fail", "error", "deviation", "oracle-disagreement") or (
+                outcome == "skip" and verdict == "skip"):
             word = {"skip": "skipped", "deviation": "known deviation"}.get(outcome, outcome)
             reasons.append(f"{labels[c.id]}: {word}" + (f": {c.reason}" if c.reason else ""))
     evidence = [e for c in cases for e in _evidence_of(c, rid)]
@@ -201,7 +209,7 @@ def _fence(text: str) -> str:
 
 def coverage(verdicts: dict[str, RequirementVerdict], catalogue: Catalogue) -> dict[str, dict[str, int]]:
     """Per level group (and "total"): testable, covered, pass, fail, skip, not-covered counts."""
-    keys = ("testable", "covered", "pass", "deviation", "fail", "skip", "not-covered")
+    keys = ("testable", "covered", "pass", "deviation", "fail", "oracle-disagreement", "skip", "not-covered")
     out = {g: dict.fromkeys(keys, 0) for g in (*LEVEL_GROUPS, "total")}
     for req in catalogue:
         if not is_testable(req):
@@ -246,13 +254,14 @@ def render_markdown(results: RunResults, catalogue: Catalogue, link_base: Path |
     lines += [
         "Requirement coverage (testable requirements only: testability other than `not-testable`):",
         "",
-        "| Level | Testable | Covered | Passed | Known deviation | Failed | Skipped | Not covered |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Level | Testable | Covered | Passed | Known deviation | Failed | Oracle disagreement | Skipped "
+        "| Not covered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group in (*LEVEL_GROUPS, "total"):
         r = cov[group]
         lines.append(f"| {group} | {r['testable']} | {r['covered']} | {r['pass']} | {r['deviation']} "
-                     f"| {r['fail']} | {r['skip']} | {r['not-covered']} |")
+                     f"| {r['fail']} | {r['oracle-disagreement']} | {r['skip']} | {r['not-covered']} |")
     lines.append("")
 
     failed_required = [rid for rid, v in verdicts.items()
@@ -303,7 +312,7 @@ def render_markdown(results: RunResults, catalogue: Catalogue, link_base: Path |
         lines += ["No cases ran.", ""]
 
     # The table cuts reasons short; failures are what people read the report for, so repeat them whole.
-    broken = [c for c in results.cases if c.outcome in ("fail", "error") and c.reason]
+    broken = [c for c in results.cases if c.outcome in ("fail", "error", "oracle-disagreement") and c.reason]
     if broken:
         lines += ["### Failures and errors", ""]
         for c in broken:
@@ -356,11 +365,12 @@ def _junit_names(node_id: str) -> tuple[str, str]:
 def render_junit(results: RunResults) -> ET.ElementTree:
     counts = results.counts()
     total_time = f"{sum(c.duration_s for c in results.cases):.3f}"
+    failures = str(counts["fail"] + counts["oracle-disagreement"])
     root = ET.Element("testsuites", name=SUITE_NAME, tests=str(len(results.cases)),
-                      failures=str(counts["fail"]), errors=str(counts["error"]),
+                      failures=failures, errors=str(counts["error"]),
                       skipped=str(counts["skip"]), time=total_time)
     suite = ET.SubElement(root, "testsuite", name=SUITE_NAME, tests=str(len(results.cases)),
-                          failures=str(counts["fail"]), errors=str(counts["error"]),
+                          failures=failures, errors=str(counts["error"]),
                           skipped=str(counts["skip"]), time=total_time,
                           timestamp=_xml_text(results.started))
     props = ET.SubElement(suite, "properties")
@@ -378,8 +388,9 @@ def render_junit(results: RunResults) -> ET.ElementTree:
             ET.SubElement(cprops, "property", name="artefacts", value=_xml_text(c.artefacts))
         reason = _xml_text(c.reason)
         message = reason.strip().splitlines()[0] if reason.strip() else c.outcome
-        if c.outcome == "fail":
-            ET.SubElement(case, "failure", message=message).text = reason
+        if c.outcome in ("fail", "oracle-disagreement"):
+            kind = "oracle disagreement: " if c.outcome == "oracle-disagreement" else ""
+            ET.SubElement(case, "failure", message=kind + message).text = reason
         elif c.outcome == "error":
             ET.SubElement(case, "error", message=message).text = reason
         elif c.outcome == "skip":
@@ -398,6 +409,29 @@ def write_junit(results: RunResults, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def exit_code(results: RunResults, catalogue: Catalogue, *, strict: bool = False) -> int:
+    """1 if a required requirement failed (MUST-class; SHOULD-class too with `strict`), else 2 if
+    a case errored (the environment or the harness broke), else 3 if only our oracles disagreed,
+    else 0. A failed case that names no such requirement fails nothing required."""
+    verdicts = requirement_verdicts(results, catalogue)
+    wanted = ("MUST", "SHOULD") if strict else ("MUST",)
+
+    def required(rid: str) -> bool:
+        if rid not in catalogue:
+            return True  # an ID the catalogue lacks cannot be shown optional
+        req = catalogue[rid]
+        return req.required or level_group(req.level) in wanted or (strict and req.level == "implicit")
+
+    if any(v.verdict == "fail" and required(rid) for rid, v in verdicts.items()):
+        return EXIT_REQUIRED_FAILED
+    outcomes = {c.outcome for c in results.cases}
+    if "error" in outcomes:
+        return EXIT_ENVIRONMENT
+    if "oracle-disagreement" in outcomes:
+        return EXIT_ORACLE
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------- Folder
