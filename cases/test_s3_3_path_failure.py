@@ -76,11 +76,13 @@ def test_path_failure_mid_transfer_reinjects_on_the_other_subflow(lab):
 
     def during(port: int) -> None:
         _until_two_subflows(lab, port)
-        time.sleep(0.5)  # both subflows carry data by now (about 1 MB at 16 Mbit/s per path)
+        time.sleep(0.3)  # both subflows carry data by now
         broke.append(time.time())
         lab.blackhole(2)
 
-    run = lab.transfer(up=6 * MB, down=MB, wait_subflows=2, timeout=60, during=during)
+    # About 3 s at 16 Mbit/s per path: under load the wait above can take a second or more, and
+    # the path must still fail mid-transfer.
+    run = lab.transfer(up=12 * MB, down=MB, wait_subflows=2, timeout=60, during=during)
     e = lab.expect
     e.that(bool(broke), "path 2 was blackholed mid-transfer", expected="a time", seen=broke)
     first = initial_subflow(run.segments("c1-eth0"), "c1-eth0")
