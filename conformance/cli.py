@@ -27,8 +27,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     folder = Path(args.report or Path("reports") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
     # The progress bar and its summary table replace pytest's own terminal output; failures are
     # in the report (report.md, report.html), which the last line names.
+    # (pyproject's addopts carry terminal options, so they are replaced, keeping --strict-markers.)
     argv = [str(CASES_DIR), "-p", "no:cacheprovider", "--mptcp-report", str(folder), "--mptcp-progress",
-            "-p", "no:terminal"]
+            "-o", "addopts=--strict-markers", "-p", "no:terminal"]
     if args.jobs and args.jobs > 1:
         argv += ["-n", str(args.jobs)]
     for fam in args.family or []:

@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-OUTCOMES = ("pass", "fail", "skip", "error")
-_STYLE = {"pass": "green", "fail": "red", "skip": "blue", "error": "magenta"}
+from conformance.pytest_plugin import _only_oracles
+
+OUTCOMES = ("pass", "fail", "oracle-disagreement", "skip", "error")
+_STYLE = {"pass": "green", "fail": "red", "oracle-disagreement": "yellow", "skip": "blue", "error": "magenta"}
 
 
 class RunProgress:
@@ -50,7 +52,10 @@ class RunProgress:
         if report.skipped and report.when in ("setup", "call"):
             now = "skip"
         elif report.failed:
-            now = "fail" if report.when == "call" and now != "error" else "error"
+            if report.when == "call" and now != "error":
+                now = "oracle-disagreement" if _only_oracles(report) else "fail"
+            else:
+                now = "error"
         self.outcome[report.nodeid] = now
         if report.when == "teardown":
             self.counts[now] += 1
