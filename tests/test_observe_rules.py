@@ -59,6 +59,24 @@ def test_a_reset_with_mp_fail_at_close_is_not_judged_as_a_close(tmp_path):
         assert "fail" in _outcomes(_judge(tmp_path, DEFECTS[rid](), "defect.pcap"), rid)
 
 
+@pytest.mark.parametrize("isn_shift", [0, 12345])
+def test_one_connection_seen_on_both_sides_of_a_nat_is_not_key_reuse(tmp_path, isn_shift):
+    # Seen live: captures before and after a source NAT show the connection from two addresses
+    # and ports, with the same keys and ISNs. Another ISN makes it another connection: key reuse.
+    before = connection()
+    after = []
+    for pkt in connection():
+        ip, tcp = pkt["IP"], pkt["TCP"]
+        if ip.src == C1:
+            ip.src, tcp.sport, tcp.seq = "198.19.9.1", 20000, (tcp.seq + isn_shift) % 2**32
+        else:
+            ip.dst, tcp.dport, tcp.ack = "198.19.9.1", 20000, (tcp.ack + isn_shift) % 2**32 if tcp.ack else 0
+        after.append(pkt)
+    judgments = _judge(tmp_path, [p for pair in zip(before, after, strict=True) for p in pair])
+    reused = "fail" in _outcomes(judgments, "R3.1-07") or "fail" in _outcomes(judgments, "R3.1-06")
+    assert reused == bool(isn_shift), [str(j) for j in judgments if j.rid in ("R3.1-06", "R3.1-07")]
+
+
 def full_connection() -> list:
     """connection() with what the remaining rules look at: the ADD_ADDR sent again (same
     address), then withdrawn and its ID rebound; a stand-alone DATA_FIN, an MP_FASTCLOSE with the

@@ -297,8 +297,9 @@ class _NodeView:
         self._initial: dict[frozenset, Connection] = {}
         self._tokens: dict[int, tuple[Connection, int]] = {}
         for conn in connections:
-            a, ap, b, bp = conn.subflows[0].tuple4
-            self._initial[frozenset(((_norm(a), ap), (_norm(b), bp)))] = conn
+            # Its tuple, and the ones a NAT made of it: a node behind it sees one, its peer another.
+            for a, ap, b, bp in (conn.subflows[0].tuple4, *conn.subflows[0].translated):
+                self._initial[frozenset(((_norm(a), ap), (_norm(b), bp)))] = conn
             for side in (0, 1):
                 tok = conn.token(side)
                 if tok is not None:

@@ -26,6 +26,10 @@ from conformance.wire import crypto
 from conformance.wire.bulk import Packet, iter_pcap
 
 SYN, ACK, RST, FIN, URG = 0x02, 0x10, 0x04, 0x01, 0x20
+# A SYN seen again with the same ISN and MPTCP option bytes but other addresses or ports this soon
+# after the first is the same SYN past a NAT (a 32-bit ISN repeating by chance within a second:
+# about 2^-32; fixed ISNs of scripted tools differ in their options or come in other captures).
+NAT_WINDOW = 1.0
 
 
 class Where:
@@ -88,6 +92,7 @@ class Subflow:
     snd_max: list[int | None] = field(default_factory=lambda: [None, None])
     ack_max: list[int | None] = field(default_factory=lambda: [None, None])
     retransmissions: list[int] = field(default_factory=lambda: [0, 0])
+    translated: list[Tuple4] = field(default_factory=list)  # the same subflow's tuples past a NAT
     first_time: float = 0.0
     last_time: float = 0.0
     first_mapping: tuple[Where, int, int] | None = None  # where, 64-bit DSN, data-level length
@@ -241,6 +246,8 @@ class ModelBuilder:
         # (src, sport, dst, dport) of each direction -> connection, subflow, [vantage of each side], side
         self._subflows: dict[tuple, tuple[Connection | None, Subflow, list, int]] = {}
         self._by_token: dict[int, tuple[Connection, int]] = {}
+        # The initiator's ISN of each subflow, to recognise one seen again behind an address translator.
+        self._by_isn: dict[int, tuple[Subflow, float, tuple]] = {}
 
     def finish(self) -> list[Connection]:
         """The connections, once every capture is read: a side whose last segments speak no MPTCP
@@ -256,7 +263,8 @@ class ModelBuilder:
     def feed(self, pcap: str, p: Packet) -> None:
         known = self._subflows.get((p.src, p.sport, p.dst, p.dport))  # keyed by direction: no side to work out
         if known is None:
-            if p.flags & (SYN | ACK) == SYN and (p.dst, p.dport, p.src, p.sport) not in self._subflows:
+            if (p.flags & (SYN | ACK) == SYN and (p.dst, p.dport, p.src, p.sport) not in self._subflows
+                    and not self._translated(p)):
                 self._open(Where(pcap, p.frame, p.time), p)
             return
         conn, sub, vantages, side = known
@@ -271,6 +279,23 @@ class ModelBuilder:
         a, ap, b, bp = sub.tuple4
         self._subflows[(a, ap, b, bp)] = (conn, sub, vantages, 0)
         self._subflows[(b, bp, a, ap)] = (conn, sub, vantages, 1)
+
+    def _translated(self, p: Packet) -> bool:
+        """A SYN of a subflow already seen under other addresses or ports (a NAT between two
+        captures rewrote them, not the ISN) is that subflow: both tuples lead to it, each direction
+        still read from the first capture that showed it, which is the one nearest its sender."""
+        seen = self._by_isn.get(p.seq)
+        if seen is None or p.time - seen[1] > NAT_WINDOW or tuple(p.raw_options) != seen[2]:
+            return False
+        sub = seen[0]
+        a, ap, b, bp = sub.tuple4
+        if (p.src, p.sport, p.dst, p.dport) == (a, ap, b, bp):
+            return False
+        first = self._subflows[(a, ap, b, bp)]
+        self._subflows[(p.src, p.sport, p.dst, p.dport)] = first
+        self._subflows[(p.dst, p.dport, p.src, p.sport)] = self._subflows[(b, bp, a, ap)]
+        sub.translated.append((p.src, p.sport, p.dst, p.dport))
+        return True
 
     def _open(self, where: Where, p: Packet) -> None:
         tuple4 = (p.src, p.sport, p.dst, p.dport)
@@ -302,6 +327,7 @@ class ModelBuilder:
             conn.subflows.append(sub)
             self.connections.append(conn)
             self._remember(conn, sub, where.pcap)
+        self._by_isn[p.seq] = (sub, p.time, tuple(p.raw_options))
         self._segment(conn, sub, where, p, 0, opening=True)
 
     def _segment(self, conn: Connection | None, sub: Subflow, where: Where, p: Packet, side: int,
