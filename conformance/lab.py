@@ -107,6 +107,7 @@ class Lab:
         self.passive_ids: set[str] = set()  # requirements the passive rules judged in this lab
         # Which implementation plays each role (the report's matrix axis); only the local kernel yet.
         self.implementations = {"client": "linux", "server": "linux"}
+        self.middleboxes: list[str] = []  # what the case attached, for its results
 
     # -- addressing ---------------------------------------------------------------------------
     def addresses(self, node: str) -> list[str]:
@@ -146,8 +147,10 @@ class Lab:
         """Attach a middlebox profile (conformance.middlebox; a Profile or a built-in name) to
         `router` ("all": every path's router), in `direction` ("c2s", "s2c", "both"; default the
         profile's). It is removed with the topology; its counters land in the artefact folder."""
-        return attach(profile, self.net, cleanup=self.cleanup, router=router, direction=direction,
-                      folder=self.folder)
+        box = attach(profile, self.net, cleanup=self.cleanup, router=router, direction=direction,
+                     folder=self.folder)
+        self.middleboxes.append(f"{box.profile.name} on {box.where}")
+        return box
 
     def transfer(self, *, client: str | None = None, server: str | None = None, up: int = MB,
                  down: int = MB, mptcp_client: bool = True, mptcp_server: bool = True,

@@ -182,6 +182,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                  **({"deviation": c.deviation} if c.deviation else {}), **({"oracle": True} if c.oracle else {})}
                 for c in the_lab.expect.checks]))
             report.user_properties.append(("implementations", dict(the_lab.implementations)))
+            report.user_properties.append(("middleboxes", list(the_lab.middleboxes)))
     return report
 
 
@@ -237,7 +238,7 @@ def _finish_case(config: pytest.Config, nodeid: str, entry: dict) -> None:
         duration_s=round(entry["duration"], 3), artefacts=props.get("artefacts"),
         topology=props.get("topology"), family=props.get("family"),
         implementations=props.get("implementations", {}), evidence=props.get("evidence", []),
-        checks=props.get("checks", [])))
+        checks=props.get("checks", []), middleboxes=props.get("middleboxes", [])))
 
 
 _controller_config: pytest.Config | None = None
@@ -259,6 +260,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     results.finished = dt.datetime.now(dt.UTC).isoformat()
     results.environment = _environment()
+    from conformance.implementations import describe
+
+    used = sorted({name for case in results.cases for name in case.implementations.values()})
+    results.implementations = {name: describe(name) for name in used}
     from conformance.report.writers import write_all
     from conformance.requirements import load_catalogue
 

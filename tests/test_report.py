@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -389,3 +390,25 @@ def test_exit_codes_follow_the_required_requirements() -> None:
     # A required failure outranks an errored case and an oracle disagreement.
     mixed = run(case(MUST_A, "fail"), case(MAY_D, "error", 1), case(MUST_C, "oracle-disagreement", 2))
     assert writers.exit_code(mixed, CAT) == writers.EXIT_REQUIRED_FAILED
+
+
+def test_implementations_and_middleboxes_are_kept_and_shown(tmp_path: Path) -> None:
+    from conformance.implementations import describe
+
+    results = make_results()
+    results.implementations = {"linux": describe("linux")}
+    results.cases[0].middleboxes = ["snat on r1 (c2s)"]
+    linux = results.implementations["linux"]
+    assert linux["kind"] == "kernel" and linux["version"] and "path_manager" in linux["configuration"]
+    assert describe("some-stack") == {"kind": "unknown", "version": None, "configuration": {}}
+    out = writers.write_all(results, CAT, tmp_path)
+    again = RunResults.read_json(out["json"])
+    assert again.implementations == results.implementations and again.cases[0].middleboxes == ["snat on r1 (c2s)"]
+    assert "## Implementations" in out["markdown"].read_text()
+    html = out["html"].read_text()
+    assert 'id="implementations"' in html and "middlebox snat on r1 (c2s)" in html
+    # A results.json written before these fields existed still reads (they take their defaults).
+    data = json.loads(out["json"].read_text())
+    del data["implementations"]
+    del data["cases"][0]["middleboxes"]
+    assert RunResults.from_dict(data).cases[0].middleboxes == []

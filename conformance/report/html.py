@@ -172,6 +172,8 @@ def render_html(results: RunResults, catalogue: Catalogue, link_base: Path, *, p
                        if v.verdict == "fail" and rid in catalogue and catalogue[rid].required]
     page = _TEMPLATES.get_template("report.html.j2").render(
         results=results, environment=list(_flatten(results.environment)),
+        implementations=[(name, impl, list(_flatten(impl.get("configuration") or {})))
+                         for name, impl in results.implementations.items()],
         wall=_wall_time(results.started, results.finished), counts=results.counts(), outcomes=OUTCOMES,
         coverage=cov, groups=(*LEVEL_GROUPS, "total"), verdict_names=VERDICTS, sections=sections,
         cases=list(views.values()), failed_required=failed_required, unknown=unknown,

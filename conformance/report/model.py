@@ -31,6 +31,8 @@ class CaseResult:
     # Each check the case made: {"requirement": ID or None (about the whole case), "ok": bool,
     # "text": what was expected and seen}. Lets a failure count against the requirement it is about.
     checks: list[dict] = field(default_factory=list)
+    # The middlebox profiles the case attached: "<profile> on <routers> (<direction>)".
+    middleboxes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -45,6 +47,9 @@ class RunResults:
     environment: dict = field(default_factory=dict)  # kernel, tool and library versions
     cases: list[CaseResult] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    # name -> {"kind": kernel|userspace|vm, "version", "configuration"} of every implementation
+    # the cases put in a role (conformance.implementations.describe)
+    implementations: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -245,6 +245,14 @@ def render_markdown(results: RunResults, catalogue: Catalogue, link_base: Path |
         lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in env]
         lines.append("")
 
+    if results.implementations:
+        lines += ["## Implementations", "", "| Name | Kind | Version | Configuration |", "|---|---|---|---|"]
+        for name, impl in results.implementations.items():
+            config = "; ".join(f"{k}={v}" for k, v in _flatten(impl.get("configuration") or {}))
+            lines.append(f"| {_cell(name)} | {_cell(impl.get('kind', ''))} | {_cell(impl.get('version') or '')} "
+                         f"| {_cell(config)} |")
+        lines.append("")
+
     counts = results.counts()
     lines += ["## Summary", "", "| Outcome | Cases |", "|---|---:|"]
     lines += [f"| {o} | {counts[o]} |" for o in OUTCOMES]
