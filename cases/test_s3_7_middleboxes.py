@@ -15,6 +15,7 @@ from conformance.observe.wire import describe, handshakes, only_handshake
 pytestmark = pytest.mark.topology("two_path")
 
 MIDDLEBOX_RESET = 0x06  # MP_TCPRST reason "Middlebox interference" (§3.6)
+CLAMPED_MSS = 1200  # the clamp-mss profile's, and so the isp bundle's
 
 def _attach(lab, prof, **where) -> Middlebox:
     try:
@@ -161,6 +162,32 @@ def test_data_options_stripped_falls_back(lab):
     _fallback_reports(e, run, None)
     e.counter(run.counters, "c1", "MPCapableDataFallback", 1)
     e.counter(run.counters, "s1", "DssFallback", 1)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.7-01")
+def test_isp_normalising_syns_and_clamping_mss_falls_back_to_tcp(lab):
+    """An access network ("isp" bundle) removes MPTCP options from SYNs and clamps the MSS to
+    1200: the connection falls back to plain TCP, and no segment either way exceeds the clamp."""
+    try:
+        boxes = lab.middleboxes("isp", router="r1")
+    except CapabilityMissing as exc:
+        pytest.skip(f"this machine cannot run the case: {exc}")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    sent, seen = _handshakes(run)
+    for box in boxes:
+        box.expect_acted(e)
+    e.that(bool(sent.syn.mptcp("MP_CAPABLE")) and not seen.syn.options, "the client's MP_CAPABLE SYN reaches "
+           "the listener without MPTCP options", expected="MP_CAPABLE sent, none received",
+           seen=f"{describe(sent.syn)}; {describe(seen.syn)}")
+    largest = max((s for s in run.segments("s1-eth0") if s.payload), key=lambda s: s.payload, default=None)
+    e.that(largest is not None and largest.payload <= CLAMPED_MSS, "no data segment exceeds the clamped MSS",
+           expected=f"at most {CLAMPED_MSS} bytes", seen=describe(largest))
+    _no_options_after(e, seen.stream, seen.syn.dst, seen.syn.frame,
+                      "the listener sends no MPTCP option on the connection", "R3.7-01")
+    _fallback_reports(e, run, "R3.7-01")
     run.expect_intact(e)
 
 

@@ -18,7 +18,7 @@ from conformance.endpoints.counters import delta, read_counters
 from conformance.endpoints.linux import MptcpConfig, configure, show_endpoints
 from conformance.errors import HarnessError
 from conformance.inject.run import ScriptRun, run_script
-from conformance.middlebox import Middlebox, Profile, attach
+from conformance.middlebox import BUNDLES, Middlebox, Profile, ProfileError, attach
 from conformance.net.capture import DEFAULT_SNAPLEN, Capture
 from conformance.net.cleanup import Cleanup
 from conformance.net.network import Network
@@ -107,7 +107,7 @@ class Lab:
         self.passive_ids: set[str] = set()  # requirements the passive rules judged in this lab
         # Which implementation plays each role (the report's matrix axis); only the local kernel yet.
         self.implementations = {"client": "linux", "server": "linux"}
-        self.middleboxes: list[str] = []  # what the case attached, for its results
+        self.attached: list[str] = []  # the middleboxes the case attached, for its results
 
     # -- addressing ---------------------------------------------------------------------------
     def addresses(self, node: str) -> list[str]:
@@ -149,8 +149,15 @@ class Lab:
         profile's). It is removed with the topology; its counters land in the artefact folder."""
         box = attach(profile, self.net, cleanup=self.cleanup, router=router, direction=direction,
                      folder=self.folder)
-        self.middleboxes.append(f"{box.profile.name} on {box.where}")
+        self.attached.append(f"{box.profile.name} on {box.where}")
         return box
+
+    def middleboxes(self, bundle: str, *, router: str = "r1") -> list[Middlebox]:
+        """Attach every profile of a bundle (conformance.middlebox.BUNDLES, e.g. "isp") to `router`,
+        in order: one network's several middleboxes."""
+        if bundle not in BUNDLES:
+            raise ProfileError(f"bundle {bundle!r} not one of {', '.join(BUNDLES)}")
+        return [self.middlebox(name, router=router) for name in BUNDLES[bundle]]
 
     def transfer(self, *, client: str | None = None, server: str | None = None, up: int = MB,
                  down: int = MB, mptcp_client: bool = True, mptcp_server: bool = True,

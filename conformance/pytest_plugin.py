@@ -182,7 +182,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                  **({"deviation": c.deviation} if c.deviation else {}), **({"oracle": True} if c.oracle else {})}
                 for c in the_lab.expect.checks]))
             report.user_properties.append(("implementations", dict(the_lab.implementations)))
-            report.user_properties.append(("middleboxes", list(the_lab.middleboxes)))
+            report.user_properties.append(("middleboxes", list(the_lab.attached)))
     return report
 
 

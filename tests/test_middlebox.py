@@ -439,3 +439,13 @@ def test_ctrl_c_removes_the_middlebox_before_the_topology(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_bundles_are_built_in_profiles_and_not_profiles_themselves():
+    from conformance.middlebox import BUNDLES, PROFILES, ProfileError, profile
+
+    assert BUNDLES["isp"] == ("strip-mptcp-syn", "clamp-mss")
+    for name, members in BUNDLES.items():
+        assert members and all(m in PROFILES for m in members), name
+        with pytest.raises(ProfileError, match=rf"profile '{name}' not one of .*bundles, for Lab.middleboxes: isp"):
+            profile(name)

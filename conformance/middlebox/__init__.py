@@ -11,7 +11,7 @@ built-in profiles, placement.py which router interfaces face the client and the 
 the payload-length programs, rules.py the iptables/nft state a profile becomes, engine.py the
 installation into a router's namespace, the counters and the removal."""
 
-from conformance.middlebox.catalogue import PROFILES, profile
+from conformance.middlebox.catalogue import BUNDLES, PROFILES, profile
 from conformance.middlebox.engine import Effect, Middlebox, attach
 from conformance.middlebox.profile import (
     DIRECTIONS,
@@ -27,6 +27,7 @@ from conformance.middlebox.profile import (
 )
 
 __all__ = [
+    "BUNDLES",
     "DIRECTIONS",
     "PROFILES",
     "SEGMENTS",

@@ -42,8 +42,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 )}
 
 
+# Middleboxes met together, as one network's behaviour: profile names attached in this order.
+BUNDLES: dict[str, tuple[str, ...]] = {
+    # An access network that normalises SYN options (MPTCP's go) and clamps the MSS (PPPoE, tunnels).
+    "isp": ("strip-mptcp-syn", "clamp-mss"),
+}
+
+
 def profile(name: str, **changes: Any) -> Profile:
     """The built-in profile `name`, with `changes` applied (validated) if any."""
     if name not in PROFILES:
-        raise ProfileError(f"profile {name!r} not one of {', '.join(PROFILES)}")
+        bundles = f" (bundles, for Lab.middleboxes: {', '.join(BUNDLES)})" if BUNDLES else ""
+        raise ProfileError(f"profile {name!r} not one of {', '.join(PROFILES)}{bundles}")
     return PROFILES[name].with_(**changes) if changes else PROFILES[name]
