@@ -2,7 +2,6 @@
 
 import pytest
 
-from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
 from conformance.lab import MB
 from conformance.observe.wire import describe, only_handshake
 from conformance.wire.crypto import join_hmac, join_synack_hmac, token
@@ -13,10 +12,7 @@ pytestmark = pytest.mark.topology("two_path")
 @pytest.mark.rfc8684("R3.2-02", "R3.2-03", "R3.2-04", "R3.2-06", "R3.2-13", "R3.1-21")
 def test_join_second_path(lab):
     """The client joins a second subflow over its second interface; both subflows carry data."""
-    second = lab.addresses("c1")[1]
-    lab.configure("s1", MptcpConfig(subflows=2))
-    lab.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
-                                                                      dev="c1-eth1")]))
+    lab.two_subflows()
     run = lab.transfer(up=10 * MB, down=10 * MB, wait_subflows=2)
     e = lab.expect
     mpc = only_handshake(run.segments("c1-eth0"), "c1-eth0")

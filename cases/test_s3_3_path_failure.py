@@ -12,23 +12,11 @@ import time
 
 import pytest
 
-from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
 from conformance.lab import MB
 from conformance.observe.segments import Segment
 from conformance.observe.wire import Handshake, describe, handshakes, initial_subflow
-from conformance.proc import run as run_cmd
 
 pytestmark = pytest.mark.topology("two_path", bw=16)
-
-
-def _until_two_subflows(lab, port: int, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        out = run_cmd(["ss", "-Htn", "state", "established", f"( dport = :{port} )"], netns=lab.net.netns("c1"),
-                      check=False).stdout
-        if len(out.strip().splitlines()) >= 2:
-            return
-        time.sleep(0.05)
 
 
 def _lost(sent: Handshake, at_server: list[Segment]) -> Segment | None:
@@ -68,14 +56,11 @@ def _mapped_at(stream: list[Segment], src: str, dsn: int, after: float) -> Segme
 def test_path_failure_mid_transfer_reinjects_on_the_other_subflow(lab):
     """Path 2 blackholed while the client sends: the client's data in flight on the join is sent
     again on the first subflow, still retransmitted on the join, and everything arrives intact."""
-    second = lab.addresses("c1")[1]
-    lab.configure("s1", MptcpConfig(subflows=2))
-    lab.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
-                                                                      dev="c1-eth1")]))
+    lab.two_subflows()
     broke: list[float] = []
 
     def during(port: int) -> None:
-        _until_two_subflows(lab, port)
+        lab.wait_established("c1", port, 2)
         time.sleep(0.3)  # both subflows carry data by now
         broke.append(time.time())
         lab.blackhole(2)

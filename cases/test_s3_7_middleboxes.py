@@ -6,7 +6,6 @@ received (the capture after it). The middlebox's own counters prove it acted."""
 
 import pytest
 
-from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint
 from conformance.errors import CapabilityMissing
 from conformance.lab import MB
 from conformance.middlebox import Middlebox, profile
@@ -219,13 +218,6 @@ def test_mptcp_syn_blackholed_retries_plain_tcp(lab):
     run.expect_intact(e)
 
 
-def _two_subflows(lab):
-    second = lab.addresses("c1")[1]
-    lab.configure("s1", MptcpConfig(subflows=2))
-    lab.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
-                                                                      dev="c1-eth1")]))
-
-
 def _join(segments, where):
     found = [h for h in handshakes(segments) if h.syn.mptcp("MP_JOIN")]
     if len(found) != 1:
@@ -238,7 +230,7 @@ def _join(segments, where):
 def test_join_synack_stripped_subflow_is_reset(lab):
     """On the second path a middlebox strips MP_JOIN from the SYN/ACK: the client must reset that
     subflow; the connection carries on over the first path."""
-    _two_subflows(lab)
+    lab.two_subflows()
     box = _attach(lab, "strip-mptcp-synack", router="r2")
     run = lab.transfer(up=MB, down=MB, wait_subflows=2)
     e = lab.expect
@@ -265,7 +257,7 @@ def test_join_losing_options_is_reset(lab):
     """On the second path a middlebox strips every MPTCP option once the join handshake is done:
     the host receiving unmapped data on that subflow resets it with MP_TCPRST "Middlebox
     interference"; the data arrives intact over the first path."""
-    _two_subflows(lab)
+    lab.two_subflows()
     box = _attach(lab, profile("strip-mptcp-all", from_packet=5), router="r2")
     run = lab.transfer(up=MB, down=MB, wait_subflows=2)
     e = lab.expect

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conformance.endpoints.counters import delta, read_counters
-from conformance.endpoints.linux import MptcpConfig, configure, show_endpoints
+from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint, configure, show_endpoints
 from conformance.errors import HarnessError
 from conformance.inject.run import ScriptRun, run_script
 from conformance.middlebox import BUNDLES, Middlebox, Profile, ProfileError, attach
@@ -129,6 +129,28 @@ class Lab:
     # -- actions ------------------------------------------------------------------------------
     def configure(self, node: str, cfg: MptcpConfig) -> None:
         configure(self.net[node], cfg)
+
+    def two_subflows(self, **extra) -> None:
+        """Both hosts allow two subflows (`extra`: more MptcpConfig fields for both, checksum=True
+        say); the client joins a second one from its second interface."""
+        second = self.addresses("c1")[1]
+        self.configure("s1", MptcpConfig(subflows=2, **extra))
+        self.configure("c1", MptcpConfig(subflows=2, endpoints=[PMEndpoint(second, EndpointFlags.SUBFLOW,
+                                                                           dev="c1-eth1")], **extra))
+
+    def established(self, node: str, port: int) -> int:
+        """How many of `node`'s TCP sockets (MPTCP subflows included) to or from `port` are up."""
+        out = run(["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+                  netns=self.net.netns(node), check=False).stdout
+        return sum(1 for line in out.splitlines() if line.strip())
+
+    def wait_established(self, node: str, port: int, count: int, within: float = 10.0) -> int:
+        """Wait until `count` of them are up (from a transfer's during= callback, say), at most
+        `within` seconds; the count reached."""
+        deadline = time.monotonic() + within
+        while (now := self.established(node, port)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
 
     # Link events, also from a transfer's during= callback (see conformance.net.network.Network).
     def link_down(self, node: str, peer: str) -> None:
@@ -321,11 +343,7 @@ class Lab:
     def _snapshot_ss(self, nodes, port, folder, client_proc) -> None:
         """`ss` views of the connection while it is up (subflows, MPTCP and TCP info)."""
         deadline = time.monotonic() + 5
-        while client_proc.running() and time.monotonic() < deadline:
-            est = run(["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
-                      netns=self.net.netns(nodes[0]), check=False).stdout
-            if est.strip():
-                break
+        while client_proc.running() and time.monotonic() < deadline and not self.established(nodes[0], port):
             time.sleep(0.01)
         for node in nodes:
             ns = self.net.netns(node)

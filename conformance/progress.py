@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from conformance.pytest_plugin import _only_oracles
+from conformance.pytest_plugin import case_outcome
 
 OUTCOMES = ("pass", "fail", "oracle-disagreement", "skip", "error")
 _STYLE = {"pass": "green", "fail": "red", "oracle-disagreement": "yellow", "skip": "blue", "error": "magenta"}
@@ -48,15 +48,7 @@ class RunProgress:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.seconds[report.nodeid] += report.duration
-        now = self.outcome.get(report.nodeid, "pass")
-        if report.skipped and report.when in ("setup", "call"):
-            now = "skip"
-        elif report.failed:
-            if report.when == "call" and now != "error":
-                now = "oracle-disagreement" if _only_oracles(report) else "fail"
-            else:
-                now = "error"
-        self.outcome[report.nodeid] = now
+        now = self.outcome[report.nodeid] = case_outcome(self.outcome.get(report.nodeid, "pass"), report)
         if report.when == "teardown":
             self.counts[now] += 1
             shown = " ".join(f"[{_STYLE[o]}]{self.counts[o]} {o}[/]" for o in OUTCOMES if self.counts[o])

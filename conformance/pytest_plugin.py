@@ -24,6 +24,7 @@ from conformance.net.cleanup import Cleanup
 from conformance.net.names import release_run, sweep_stale
 from conformance.net.topo import FAMILIES
 from conformance.report.model import CaseResult, RunResults
+from conformance.verdict import OracleDisagreement
 
 REPORT_ENV = "MPTCP_CONFORMANCE_REPORT"
 ESSENTIAL = ("root", "socket:mptcp", "sockopt:mptcp_info", "tcpdump", "tshark", "mnexec", "ethtool")
@@ -196,22 +197,35 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     entry["duration"] += report.duration
     for key, value in report.user_properties:
         entry["props"][key] = value
+    entry["outcome"] = case_outcome(entry["outcome"], report)
     if report.skipped and report.when in ("setup", "call"):
-        entry["outcome"], entry["reason"] = "skip", _skip_reason(report)
+        entry["reason"] = _skip_reason(report)
     elif report.failed:
-        if report.when == "call" and entry["outcome"] != "error":
-            entry["outcome"] = "oracle-disagreement" if _only_oracles(report) else "fail"
-        else:
-            entry["outcome"] = "error"
         entry["reason"] = (entry["reason"] + "\n" if entry["reason"] else "") + _failure_text(report)
     if report.when == "teardown":
         _finish_case(config, report.nodeid, partial.pop(report.nodeid))
 
 
+def case_outcome(now: str, report: pytest.TestReport) -> str:
+    """A case's outcome so far (`now`, "pass" before its setup) after one phase's report: a skip in
+    setup or call skips it, a failed call fails it (or is an oracle disagreement), a failure in
+    setup or teardown is an error."""
+    if report.skipped and report.when in ("setup", "call"):
+        return "skip"
+    if not report.failed:
+        return now
+    if report.when == "call" and now != "error":
+        return "oracle-disagreement" if _only_oracles(report) else "fail"
+    return "error"
+
+
+_ORACLE_FAILURE = f"{OracleDisagreement.__module__}.{OracleDisagreement.__qualname__}"
+
+
 def _only_oracles(report: pytest.TestReport) -> bool:
-    """The case failed on oracle checks alone (verdict.OracleDisagreement)."""
+    """The case failed on oracle checks alone (verdict.OracleDisagreement, as pytest names it)."""
     crash = getattr(report.longrepr, "reprcrash", None)
-    return crash is not None and crash.message.startswith("conformance.verdict.OracleDisagreement")
+    return crash is not None and crash.message.startswith(_ORACLE_FAILURE)
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

@@ -462,13 +462,7 @@ def test_live_join_and_add_addr_with_retransmissions(tmp_path, family):
         }}""")
 
         def during(port: int) -> None:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:  # both subflows up
-                out = run_cmd(["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
-                              netns=lab.net.netns("c1"), check=False).stdout
-                if len(out.strip().splitlines()) >= 2:
-                    break
-                time.sleep(0.05)
+            lab.wait_established("c1", port, 2, within=15)  # both subflows up
             # While data still flows (about 2 s at 8 Mbit/s per path): a REMOVE_ADDR sent while
             # the connection closes would not be sent at all.
             time.sleep(0.3)

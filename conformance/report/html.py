@@ -71,8 +71,7 @@ class CaseView:
 class _Frames:
     """Frame cards, one per (case, capture, frame) cited, decoded once per capture."""
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
+    def __init__(self) -> None:
         self.cards: dict[tuple[str, str, int], FrameCard] = {}
         self._decoded: dict[Path, dict[int, str]] = {}
 
@@ -137,7 +136,7 @@ def render_html(results: RunResults, catalogue: Catalogue, link_base: Path, *, p
     base = Path(link_base).absolute()
     verdicts = requirement_verdicts(results, catalogue)
     labels = _case_labels(results.cases)
-    frames = _Frames(base)
+    frames = _Frames()
     views: dict[str, CaseView] = {}
     folders: dict[str, Path | None] = {}
     for i, case in enumerate(results.cases, 1):

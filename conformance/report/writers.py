@@ -424,13 +424,12 @@ def exit_code(results: RunResults, catalogue: Catalogue, *, strict: bool = False
     a case errored (the environment or the harness broke), else 3 if only our oracles disagreed,
     else 0. A failed case that names no such requirement fails nothing required."""
     verdicts = requirement_verdicts(results, catalogue)
-    wanted = ("MUST", "SHOULD") if strict else ("MUST",)
 
     def required(rid: str) -> bool:
         if rid not in catalogue:
             return True  # an ID the catalogue lacks cannot be shown optional
         req = catalogue[rid]
-        return req.required or level_group(req.level) in wanted or (strict and req.level == "implicit")
+        return req.required or (strict and level_group(req.level) in ("SHOULD", "implicit"))
 
     if any(v.verdict == "fail" and required(rid) for rid, v in verdicts.items()):
         return EXIT_REQUIRED_FAILED
