@@ -354,6 +354,26 @@ def test_data_csum_err_is_judged_zero_versus_nonzero(tmp_path):
     assert [(a.node, a.counter) for a in disagreements(got.values())] == [("s1", P + "DataCsumErr")]
 
 
+def test_an_infinite_mapping_after_the_receivers_own_fallback_may_be_counted(tmp_path):
+    # Seen in CI: s1 answered a checksum failure with MP_FAIL and ran as plain TCP from then on;
+    # c1's infinite mapping came after, and s1's kernel counted it (or may not).
+    w = Wire()
+    handshake(w, checksum=True)
+    w.seg(C1, 40000, S, 80, "PA", [DSS(flags="AaMm", data_ack=1, dsn=1, ssn=1, data_level_length=100,
+                                       checksum=0)], payload=b"x" * 100)
+    w.seg(S, 80, C1, 40000, "A", [DSS(flags="Aa", data_ack=1), MPFail(dsn=1)])
+    w.seg(S, 80, C1, 40000, "PA", payload=b"y" * 50)  # s1 sends bare from here on
+    w.seg(C1, 40000, S, 80, "PA", [DSS(flags="AaMm", data_ack=1, dsn=1, ssn=1, data_level_length=0,
+                                       checksum=0)], payload=b"x" * 100)
+    w.seg(C1, 40000, S, 80, "PA", payload=b"x" * 100)
+    base = {"s1": {"DataCsumErr": 1, "MPFailTx": 1}, "c1": {"MPFailRx": 1, "InfiniteMapTx": 1}}
+    for read in (0, 1):
+        got = compare(tmp_path, w, with_handshake(s1=base["s1"] | {"InfiniteMapRx": read}, c1=base["c1"]))
+        rx = got[("s1", "InfiniteMapRx")]
+        assert (rx.low, rx.high) == (0, 1) and "fell back" in rx.explanation, str(rx)
+        assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
+
+
 def test_without_checksums_no_checksum_can_fail(tmp_path):
     w = Wire()
     handshake(w, checksum=False)

@@ -503,13 +503,17 @@ class _NodeView:
                 count("MPFailRx")
             elif name == "MPTCPRst":
                 count("MPRstRx")
-            elif name == "DSS" and _infinite(f) and p.payload_len:
+            elif name == "DSS" and _infinite(f) and (p.payload_len or p.flags & FIN):
                 # Counted when the subflow reads the segment (get_mapping_status()), which a
                 # stalled connection may never do: certain once the node closes the subflow
                 # cleanly afterwards (it read everything before its FIN), possible until then.
+                # One arriving after the node itself fell back (the MP_FAIL sender may fall back
+                # at once) or on a bare FIN may or may not reach the mapping code.
                 flow.fallen_back = True
-                if sure:
+                if sure and p.payload_len:
                     flow.infinite_rx = where
+                else:
+                    self.tally.maybe("InfiniteMapRx", where, why if not sure else "on a FIN without data")
 
     def _add_addr_rx(self, flow: _Flow, where: Where, f: dict, count) -> None:
         conn = flow.conn
