@@ -1,4 +1,4 @@
-"""The `mptcp-conformance` command: doctor, run, check-pcap, report.
+"""The `mptcp-conformance` command: doctor, run, matrix, check-pcap, report.
 
 Exit codes: 0 all judged requirements hold, 1 a required (MUST-class) one failed, 2 environment or
 input error (one line naming the input and the place), 3 (run, report) only our oracles disagreed."""
@@ -76,6 +76,77 @@ def _report(args: argparse.Namespace) -> int:
     return _judged(paths["json"], args.strict)
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    import json
+
+    from conformance.errors import InputError
+    from conformance.matrix import aggregate, load_matrix, pair_name, run_pair
+    from conformance.report.model import RunResults
+    from conformance.report.writers import exit_code
+    from conformance.requirements import load_catalogue
+
+    try:
+        matrix = load_matrix(Path(args.file)) if args.file else load_matrix()
+        scenarios = matrix.select(args.cases)
+        pairs = matrix.pairs(args.client, args.server)
+        if args.list_pairs:
+            print(json.dumps([{"client": c, "server": s} for c, s in pairs]))
+            return EXIT_OK
+        out = Path(args.out)
+        if args.merge:
+            folders = [Path(f) for f in args.merge]
+        else:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            folders = []
+            for i, (client, server) in enumerate(pairs, 1):
+                console.rule(f"pair {i}/{len(pairs)}: client {client}, server {server}")
+                rc = run_pair(matrix, client, server, scenarios, out, families=args.family, extra=args.pytest_args)
+                if rc not in (0, 1):
+                    console.print(f"[red]pytest exited {rc} for {pair_name(client, server)}[/]")
+                folders.append(out / pair_name(client, server))
+        missing = [f for f in folders if not (f / "results.json").is_file()]
+        if missing:
+            raise InputError(f"{missing[0]}: no results.json (the pair did not run)")
+        data = aggregate(matrix, scenarios, folders, out)
+        catalogue = load_catalogue()
+        codes = {exit_code(RunResults.read_json(f / "results.json"), catalogue, strict=args.strict)
+                 for f in folders}
+    except InputError as exc:
+        print(f"mptcp-conformance matrix: {exc}", file=sys.stderr)
+        return EXIT_ENV
+    _print_matrix(data)
+    print(f"mptcp-conformance matrix: {out / 'matrix.html'} ({len(folders)} pairs)")
+    for code in (EXIT_FAIL, EXIT_ENV, 3):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def _print_matrix(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from conformance.matrix import ABBREVIATION
+
+    style = {"pass": "green", "fail": "red", "error": "magenta", "oracle-disagreement": "yellow",
+             "unsupported": "cyan", "skip": "blue", "not-run": "dim"}
+    table = Table(title="interop matrix (rows: client, columns: server; one letter a scenario)")
+    table.add_column("client \\ server")
+    for server in data["servers"]:
+        table.add_column(server)
+    pairs = {(p["client"], p["server"]): p for p in data["pairs"]}
+    for client in data["clients"]:
+        row = []
+        for server in data["servers"]:
+            pair = pairs.get((client, server))
+            row.append(" ".join(f"[{style[c['outcome']]}]{c['scenario']}:{ABBREVIATION[c['outcome']]}[/]"
+                                for c in pair["cells"]) if pair else "-")
+        table.add_row(client, *row)
+    Console().print(table)
+
+
 def _check_pcap(args: argparse.Namespace) -> int:
     import json
 
@@ -151,6 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
     run.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers (pytest-xdist)")
     run.add_argument("--strict", action="store_true", help="a failed SHOULD-class requirement exits 1 too")
+    mat = sub.add_parser("matrix", help="run the interop matrix (ci/matrix.yaml): client x server x scenario")
+    mat.add_argument("--file", metavar="YAML", help="matrix declaration (default ci/matrix.yaml)")
+    mat.add_argument("--client", metavar="A,B", help="implementations in the client role (default: all)")
+    mat.add_argument("--server", metavar="C,D", help="implementations in the server role (default: all)")
+    mat.add_argument("--cases", metavar="PATTERN", help="comma-separated globs over scenario names (default: all)")
+    mat.add_argument("--family", action="append", choices=("ipv4", "ipv6", "dual"),
+                     help="address families (default: the matrix file's)")
+    mat.add_argument("--out", metavar="DIR", default="reports/matrix",
+                     help="one folder per pair, matrix.json and matrix.html (default reports/matrix)")
+    mat.add_argument("--list-pairs", action="store_true", help="print the selected pairs as JSON and exit (CI)")
+    mat.add_argument("--merge", nargs="+", metavar="PAIR_DIR",
+                     help="run nothing: build the matrix from these pair folders (one per CI job)")
+    mat.add_argument("--strict", action="store_true", help="a failed SHOULD-class requirement exits 1 too")
     chk = sub.add_parser("check-pcap",
                          help="rebuild the MPTCP connections of captures and judge the passive rules")
     chk.add_argument("pcap", nargs="+", help="pcap or pcapng files of one network (several links are merged)")
@@ -166,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
     rep.add_argument("--strict", action="store_true", help="a failed SHOULD-class requirement exits 1 too")
     args, extra = ap.parse_known_args(argv)
+    if args.command == "matrix":
+        args.pytest_args, extra = extra, []  # like run: the rest goes to each pair's pytest
     if extra and args.command != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
@@ -175,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return doctor.main(["--json"] if args.json else [])
         if args.command == "run":
             return _run(args, extra)
+        if args.command == "matrix":
+            return _matrix(args)
         if args.command == "check-pcap":
             return _check_pcap(args)
         return _report(args)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 import struct
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
+from headless import chromium, headless
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
@@ -136,28 +134,11 @@ def test_write_all_writes_the_page_with_the_other_files(tmp_path: Path) -> None:
     assert _Page(out["html"].read_text()).rows[FAILED]["data-verdict"] == "fail"
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.skip("no chromium binary (ci/setup.sh installs Debian's chromium package)")
-    return found
-
-
-def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    # In a network namespace of its own (only a loopback, gone with the process): the page needs
-    # no network, and the browser must not reach any address we did not create.
-    return subprocess.run(["unshare", "--net", binary, "--headless", "--no-sandbox", "--disable-gpu",
-                           "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-pings",
-                           f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
-
-
 def test_the_page_renders_in_headless_chromium_with_its_filters_applied(tmp_path: Path) -> None:
-    binary = _chromium()
+    binary = chromium()
     out = writers.write_all(_results(tmp_path), CAT, tmp_path)
     url = out["html"].resolve().as_uri()
-    dom = _headless(binary, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom", url)
+    dom = headless(binary, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-800:]
     page = _Page(dom.stdout)
     # The script ran: it counted the rows it shows (not-covered ones start hidden).
@@ -166,7 +147,7 @@ def test_the_page_renders_in_headless_chromium_with_its_filters_applied(tmp_path
     assert (int(shown.group(1)), int(shown.group(2))) == (4, len(CAT.by_id))
     assert "hidden" in page.rows["R3.1-02"].get("class", "") and "hidden" not in page.rows[FAILED]["class"]
     shot = tmp_path / "report.png"
-    done = _headless(binary, tmp_path / "profile", "--window-size=1280,1600", f"--screenshot={shot}", url)
+    done = headless(binary, tmp_path / "profile", "--window-size=1280,1600", f"--screenshot={shot}", url)
     assert done.returncode == 0 and shot.is_file(), done.stderr[-800:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

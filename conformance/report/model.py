@@ -10,8 +10,9 @@ from pathlib import Path
 
 from conformance.errors import InputError
 
-SCHEMA_VERSION = 2
-OUTCOMES = ("pass", "fail", "skip", "error", "oracle-disagreement")
+SCHEMA_VERSION = 3
+READABLE = (2, 3)  # each version so far only added to the one before
+OUTCOMES = ("pass", "fail", "unsupported", "skip", "error", "oracle-disagreement")
 
 
 @dataclass
@@ -20,7 +21,7 @@ class CaseResult:
     name: str  # short name (the test function)
     description: str  # first line of the case's docstring
     requirements: list[str]  # RFC 8684 requirement IDs the case proves
-    outcome: str  # pass | fail | skip | error | oracle-disagreement
+    outcome: str  # pass | fail | unsupported | skip | error | oracle-disagreement
     reason: str | None = None  # why it failed, skipped or errored
     duration_s: float = 0.0
     artefacts: str | None = None  # folder with pcaps, endpoint reports, counters, logs
@@ -64,9 +65,9 @@ class RunResults:
         """Build from parsed JSON; unknown keys are ignored (newer writers), missing ones are errors."""
         if not isinstance(data, dict):
             raise InputError(f"{source}: expected a JSON object")
-        if data.get("schema_version") != SCHEMA_VERSION:
+        if data.get("schema_version") not in READABLE:
             raise InputError(f"{source}: schema_version {data.get('schema_version')!r}, "
-                             f"this tool reads {SCHEMA_VERSION}")
+                             f"this tool reads {', '.join(map(str, READABLE))}")
         cases = []
         for i, c in enumerate(data.get("cases", [])):
             cases.append(_build(CaseResult, c, f"{source}: cases[{i}]"))

@@ -108,7 +108,7 @@ def _aggregate(rid: str, cases: list[CaseResult], labels: dict[str, str]) -> Req
     for c in cases:
         outcome = case_outcome_for(c, rid)
         if outcome in ("fail", "error", "deviation", "oracle-disagreement") or (
-                outcome == "skip" and verdict == "skip"):
+                outcome in ("skip", "unsupported") and verdict == "skip"):
             word = {"skip": "skipped", "deviation": "known deviation"}.get(outcome, outcome)
             reasons.append(f"{labels[c.id]}: {word}" + (f": {c.reason}" if c.reason else ""))
     evidence = [e for c in cases for e in _evidence_of(c, rid)]
@@ -376,10 +376,10 @@ def render_junit(results: RunResults) -> ET.ElementTree:
     failures = str(counts["fail"] + counts["oracle-disagreement"])
     root = ET.Element("testsuites", name=SUITE_NAME, tests=str(len(results.cases)),
                       failures=failures, errors=str(counts["error"]),
-                      skipped=str(counts["skip"]), time=total_time)
+                      skipped=str(counts["skip"] + counts["unsupported"]), time=total_time)
     suite = ET.SubElement(root, "testsuite", name=SUITE_NAME, tests=str(len(results.cases)),
                           failures=failures, errors=str(counts["error"]),
-                          skipped=str(counts["skip"]), time=total_time,
+                          skipped=str(counts["skip"] + counts["unsupported"]), time=total_time,
                           timestamp=_xml_text(results.started))
     props = ET.SubElement(suite, "properties")
     for name, value in (("suite_version", results.suite_version), *_flatten(results.environment)):
@@ -401,8 +401,8 @@ def render_junit(results: RunResults) -> ET.ElementTree:
             ET.SubElement(case, "failure", message=kind + message).text = reason
         elif c.outcome == "error":
             ET.SubElement(case, "error", message=message).text = reason
-        elif c.outcome == "skip":
-            ET.SubElement(case, "skipped", message=reason or "skipped")
+        elif c.outcome in ("skip", "unsupported"):
+            ET.SubElement(case, "skipped", message=reason or c.outcome)
         if c.evidence:
             ET.SubElement(case, "system-out").text = _xml_text("\n".join(c.evidence))
     ET.indent(root)
