@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import pytest
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from conformance.pytest_plugin import case_outcome
 
-OUTCOMES = ("pass", "fail", "oracle-disagreement", "skip", "error")
-_STYLE = {"pass": "green", "fail": "red", "oracle-disagreement": "yellow", "skip": "blue", "error": "magenta"}
+OUTCOMES = ("pass", "fail", "oracle-disagreement", "unsupported", "skip", "error")
+_STYLE = {"pass": "green", "fail": "red", "oracle-disagreement": "yellow", "unsupported": "cyan", "skip": "blue",
+          "error": "magenta"}
 
 
 class RunProgress:
@@ -66,17 +68,27 @@ class RunProgress:
             name = nodeid.split("::", 1)[0]
             by_file[name][outcome] += 1
             secs[name] += self.seconds[nodeid]
-        table = Table(title="mptcp-conformance: cases by file")
-        table.add_column("file")
+        table = Table(title="mptcp-conformance: cases by file", box=box.SIMPLE_HEAD, pad_edge=False)
+        # Fits 80 columns (a console that is not a terminal): file names without their folder, short
+        # headings, nothing cut.
+        table.add_column("file", no_wrap=True, min_width=max((len(_file(n)) for n in by_file), default=4))
         for o in OUTCOMES:
-            table.add_column(o, justify="right", style=_STYLE[o])
-        table.add_column("time", justify="right")
+            table.add_column(_HEADING.get(o, o), justify="right", style=_STYLE[o], no_wrap=True)
+        table.add_column("time", justify="right", no_wrap=True)
         for name in sorted(by_file):
-            table.add_row(name, *(str(by_file[name][o]) for o in OUTCOMES), f"{secs[name]:.1f} s")
+            table.add_row(_file(name), *(str(by_file[name][o]) for o in OUTCOMES), f"{secs[name]:.1f} s")
         table.add_row("total", *(str(sum(c[o] for c in by_file.values())) for o in OUTCOMES),
                       f"{sum(secs.values()):.1f} s", style="bold")
         return table
 
 
+_HEADING = {"oracle-disagreement": "oracle", "unsupported": "unsup"}  # the legend is the docs' outcome table
+
+
 def _short(nodeid: str) -> str:
     return nodeid.rsplit("/", 1)[-1]
+
+
+def _file(path: str) -> str:
+    """A case file as the summary shows it: test_s3_7_middleboxes.py -> s3_7_middleboxes."""
+    return _short(path).removeprefix("test_").removesuffix(".py")

@@ -54,6 +54,34 @@ def stream(role: str, size: int) -> Iterator[bytes]:
         left -= n
 
 
+class Expected:
+    """The peer's stream as it should arrive, compared chunk by chunk as it does: the offset of
+    the first byte that differs (a hash says only that something did)."""
+
+    def __init__(self, role: str, size: int) -> None:
+        self.blocks, self.block, self.pos = stream(role, size), b"", 0
+        self.offset = 0  # bytes compared and equal so far
+        self.first_difference: int | None = None
+
+    def compare(self, chunk: bytes) -> None:
+        if self.first_difference is not None:
+            return
+        i = 0
+        while i < len(chunk):
+            if self.pos >= len(self.block):
+                self.block, self.pos = next(self.blocks, b""), 0
+                if not self.block:  # more bytes than the peer sends
+                    self.first_difference = self.offset + i
+                    return
+            n = min(len(chunk) - i, len(self.block) - self.pos)
+            if chunk[i:i + n] != self.block[self.pos:self.pos + n]:
+                j = next(k for k in range(n) if chunk[i + k] != self.block[self.pos + k])
+                self.first_difference = self.offset + i + j
+                return
+            i, self.pos = i + n, self.pos + n
+        self.offset += len(chunk)
+
+
 def digest(role: str, size: int, prefix: int | None = None) -> str:
     """SHA-256 of the first `prefix` bytes (default: all) of what `role` sends when sending `size`."""
     h, want = hashlib.sha256(), size if prefix is None else prefix
@@ -171,6 +199,7 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     received, h = 0, hashlib.sha256()
+    expected = Expected(peer_role, expect)
     peak_info = None
     receive_error = None
     while True:
@@ -185,6 +214,7 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
             break
         received += len(chunk)
         h.update(chunk)
+        expected.compare(chunk)
         if peak_info is None and received >= expect // 2:
             peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
         if abort_after is not None and received >= abort_after:
@@ -200,6 +230,8 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
         "bytes_received": received,
         "sha256_received": h.hexdigest(),
         "sha256_expected": digest(peer_role, expect),
+        # Where the bytes first went wrong (None: every byte received was right, maybe too few).
+        "first_difference": expected.first_difference,
         "duration_s": round(time.monotonic() - t0, 3),
         "mptcp": is_mptcp(sock),
         "mptcp_info_mid": peak_info,

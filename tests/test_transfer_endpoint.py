@@ -1,0 +1,32 @@
+"""The transfer endpoint's integrity check (conformance.endpoints.transfer): where a received
+stream first differs from what the peer sends, whatever the chunking."""
+
+from __future__ import annotations
+
+from conformance.endpoints.transfer import Expected, stream
+
+SIZE = 300_000
+
+
+def _feed(data: bytes, chunk: int) -> Expected:
+    exp = Expected("client", SIZE)
+    for i in range(0, len(data), chunk):
+        exp.compare(data[i:i + chunk])
+    return exp
+
+
+def test_the_right_stream_has_no_difference_in_any_chunking() -> None:
+    data = b"".join(stream("client", SIZE))
+    for chunk in (7, 1000, 65536, 1 << 20):
+        assert _feed(data, chunk).first_difference is None, chunk
+
+
+def test_a_changed_byte_a_duplicate_and_an_excess_are_located() -> None:
+    data = bytearray(b"".join(stream("client", SIZE)))
+    data[123_457] ^= 0x01
+    assert _feed(bytes(data), 65536).first_difference == 123_457
+    original = b"".join(stream("client", SIZE))
+    replayed = original[:70_000] + original[60_000:SIZE - 10_000]  # 10 kB delivered twice
+    first = next(i for i in range(70_000, SIZE) if replayed[i] != original[i])
+    assert _feed(replayed, 4096).first_difference == first
+    assert _feed(original + b"x", 65536).first_difference == SIZE
