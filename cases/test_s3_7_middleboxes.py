@@ -9,7 +9,7 @@ import pytest
 from conformance.errors import CapabilityMissing
 from conformance.lab import MB
 from conformance.middlebox import Middlebox, profile
-from conformance.observe.wire import describe, handshakes, only_handshake
+from conformance.observe.wire import describe, handshakes, initial_subflow, only_handshake
 
 pytestmark = pytest.mark.topology("two_path")
 
@@ -285,4 +285,113 @@ def test_join_losing_options_is_reset(lab):
                expected="MP_TCPRST reason 6", seen=describe(at_sender), rid="R3.7-07")
     run.expect_stays_mptcp(e, "the connection stays MPTCP on the first path")
     e.counter(run.counters, "c1", "MPJoinSynAckRx", 1)
+    run.expect_intact(e)
+
+
+def _first_subflow(run):
+    """The connection's first subflow at the client and at the server (which also sees the join)."""
+    return tuple(initial_subflow(run.segments(intf), intf) for intf in ("c1-eth0", "s1-eth0"))
+
+
+def _mappings(segments, src):
+    """(DSN, SSN, length) -> the data segments from `src` that carry that DSS mapping."""
+    out: dict[tuple, list] = {}
+    for s in segments:
+        if s.src == src and s.payload:
+            for o in s.mptcp("DSS"):
+                if o.get("data_level_length"):
+                    out.setdefault((o.get("dsn"), o.get("ssn"), o.get("data_level_length")), []).append(s)
+    return out
+
+
+@pytest.mark.families("ipv4", "ipv6")
+@pytest.mark.rfc8684("R3.3-L01", "R3.3.1-16")
+def test_isn_rewriting_firewall_leaves_mappings_valid(lab):
+    """A firewall on the first path shifts each subflow's sequence numbers by a random offset (and
+    the ACKs back): with DSS checksums on, the mappings must still hold, because their subflow
+    sequence numbers are relative to the ISN (§3.3); the connection stays MPTCP, data intact."""
+    lab.two_subflows(checksum=True)
+    box = _attach(lab, "rewrite-seq", router="r1")
+    run = lab.transfer(up=2 * MB, down=2 * MB, wait_subflows=2)
+    e = lab.expect
+    sent, seen = _first_subflow(run)
+    shift = (seen.syn.seq - sent.syn.seq) & 0xFFFFFFFF
+    e.that(shift != 0, "the client's ISN reaches the server shifted", expected="a different ISN",
+           seen=f"{describe(sent.syn)} became {describe(seen.syn)}")
+    client = sent.syn.src
+    before, after = _mappings(sent.stream, client), _mappings(seen.stream, seen.syn.src)
+    common = sorted(set(before) & set(after))
+    e.that(len(common) >= 3 and len(common) == len(after), "every mapping the server receives on that subflow "
+           "carries the subflow sequence number the client wrote (relative, unchanged by the shift)",
+           expected="the same (DSN, SSN, length) on both sides, for 3 or more mappings",
+           seen=f"{len(common)} of {len(after)} mappings also in the client's capture; "
+                f"first: {describe(after[common[0]][0]) if common else 'none'}", rid="R3.3-L01")
+    moved = [(a, b) for m in common for a, b in zip(before[m], after[m], strict=False)
+             if (b.seq - a.seq) & 0xFFFFFFFF != shift]
+    e.that(not moved, "each of those segments' TCP sequence number is shifted by the firewall's offset",
+           expected=f"+{shift}", seen=f"{describe(moved[0][0])} -> {describe(moved[0][1])}" if moved else "all")
+    for node in ("c1", "s1"):
+        e.counter(run.counters, node, "DataCsumErr", 0, rid="R3.3-L01")
+        e.counter(run.counters, node, "MPFailTx", 0, rid="R3.3-L01")
+    box.expect_acted(e, at_least=10)
+    run.expect_stays_mptcp(e)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4", "ipv6")
+@pytest.mark.rfc8684("R3.1-L02", "R3.3.1-16")
+def test_resegmenting_middlebox_keeps_mappings_valid(lab):
+    """A middlebox on the first path splits the client's data segments into pieces of at most 500
+    bytes, copying the options to each piece (as segmentation offload does): the server receives
+    the same DSS mapping on several segments and must take it as one mapping; with DSS checksums
+    on, no checksum fails, the connection stays MPTCP and the data arrives intact."""
+    lab.two_subflows(checksum=True)
+    box = _attach(lab, "resegment", router="r1")
+    run = lab.transfer(up=2 * MB, down=MB, wait_subflows=2)
+    e = lab.expect
+    _, seen = _first_subflow(run)
+    received = _mappings(seen.stream, seen.syn.src)
+    repeated = {m: segs for m, segs in received.items() if len(segs) > 1}
+    sample = next(iter(repeated.values()), [])
+    e.that(len(repeated) >= 10, "the server receives the same DSS mapping on several pieces",
+           expected="10 or more mappings seen more than once",
+           seen=f"{len(repeated)} repeated mappings; e.g. {', '.join(describe(s) for s in sample[:2]) or 'none'}",
+           rid="R3.1-L02")
+    too_big = [s for s in seen.stream if s.src == seen.syn.src and s.payload > 500]
+    e.that(not too_big, "no data segment longer than 500 bytes passes the middlebox", expected="none",
+           seen=describe(too_big[0]) if too_big else "none")
+    e.counter(run.counters, "s1", "DataCsumErr", 0, rid="R3.1-L02")
+    e.counter(run.counters, "s1", "MPFailTx", 0, rid="R3.1-L02")
+    e.counter(run.counters, "s1", "DSSNoMatchTCP", 0, rid="R3.1-L02")
+    box.expect_acted(e, at_least=10)
+    run.expect_stays_mptcp(e)
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4", "ipv6")
+@pytest.mark.rfc8684("R3.7-01", "R3.1-29")
+def test_tcp_terminating_proxy_falls_back_to_tcp(lab):
+    """A proxy on the first path terminates the client's TCP connection and opens its own to the
+    server: the client's MP_CAPABLE SYN is answered as plain TCP, so the client falls back to TCP
+    (and never tries to join), the server sees a plain TCP client, and the data arrives intact."""
+    lab.two_subflows()
+    box = _attach(lab, "tcp-proxy", router="r1")
+    run = lab.transfer(up=MB, down=MB)
+    e = lab.expect
+    sent, seen = _handshakes(run)
+    e.that(bool(sent.syn.mptcp("MP_CAPABLE")), "the client's SYN offers MP_CAPABLE", expected="MP_CAPABLE",
+           seen=describe(sent.syn))
+    e.that(not sent.synack.options, "the SYN/ACK the client gets (from the proxy) carries no MPTCP option",
+           expected="none", seen=describe(sent.synack), rid="R3.7-01")
+    e.that(not seen.syn.options and seen.syn.src != sent.syn.src,
+           "the server's SYN comes from the proxy's own address, without MPTCP options", expected="plain TCP SYN",
+           seen=describe(seen.syn))
+    _no_options_after(e, sent.stream, sent.syn.src, sent.synack.frame,
+                      "the client sends no MPTCP option after the plain SYN/ACK", "R3.1-29")
+    joins = [h for h in handshakes(run.segments("c1-eth1")) if h.syn.mptcp("MP_JOIN")]
+    e.that(not joins, "the client tries no join on the second path", expected="none",
+           seen=describe(joins[0].syn) if joins else "none", rid="R3.7-01")
+    e.counter(run.counters, "c1", "MPCapableFallbackSYNACK", 1, rid="R3.7-01")
+    box.expect_acted(e, at_least=1, at_most=1)
+    _fallback_reports(e, run, "R3.7-01")
     run.expect_intact(e)

@@ -50,7 +50,8 @@ def _data(**changes):
     ({"match": {"segment": "syns"}},
      "profile 'x': match.segment 'syns' not one of syn, synack, third-ack, data, pure-ack, any"),
     ({"action": {"kind": "strp_option"}},
-     "profile 'x': action.kind 'strp_option' not one of strip-option, drop, rewrite-payload, clamp-mss, snat"),
+     "profile 'x': action.kind 'strp_option' not one of strip-option, drop, rewrite-payload, clamp-mss, snat, "
+     "rewrite-seq, resegment, tcp-proxy"),
     ({"direction": "up"}, "profile 'x': direction 'up' not one of c2s, s2c, both"),
     ({"from_packet": 0}, "profile 'x': from_packet 0 not in 1..1000000"),
     ({"from_packet": "3"}, "profile 'x': from_packet '3' is not an integer"),
@@ -178,6 +179,83 @@ def test_rewrite_snat_clamp_drop_rules():
     assert clamp[-7:] == ("--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--set-mss", "1200")
     drop = _plan("drop-mptcp-syn", "ipv4")
     assert drop.chains == (("iptables", "filter"),) and drop.rules[0].spec[-2:] == ("-j", "DROP")
+
+
+def test_helped_profiles_feed_their_helper():
+    seq = _plan("rewrite-seq", "dual")
+    assert [r.spec[-4:] for r in seq.rules] == [("-j", "NFQUEUE", "--queue-num", str(0x6D07))] * 2
+    assert "--queue-bypass" not in seq.rules[0].spec and all(r.counts for r in seq.rules)
+    assert not any("-i" in j.spec for j in seq.jumps)  # both directions: every interface
+    split = _plan("resegment", "ipv4")
+    data = split.rules[0].spec
+    assert bpf.parse(data[data.index("--bytecode") + 1]) == bpf.payload_length(4, "gt", 0)
+    assert [j.spec[:2] for j in split.jumps] == [("-i", "r1-eth0")]  # c2s: from the client's side
+    proxy = _plan("tcp-proxy", "dual")
+    assert proxy.chains == (("iptables", "nat"), ("ip6tables", "nat"))
+    assert proxy.rules[0].spec[-4:] == ("-j", "REDIRECT", "--to-ports", "47007")
+    assert {(j.table, j.chain, j.spec[:2]) for j in proxy.jumps} == {("nat", "PREROUTING", ("-i", "r1-eth0"))}
+    for bad in ({"direction": "c2s"}, {"from_packet": 3}):
+        with pytest.raises(ProfileError, match="rewrite-seq shifts whole subflows"):
+            profile("rewrite-seq", **bad)
+    with pytest.raises(ProfileError, match="tcp-proxy takes whole client connections"):
+        profile("tcp-proxy", direction="both")
+
+
+# --- the rewriter's packet changes, on scapy-built packets ------------------------------------------
+
+def _seg(src, sport, dst, dport, flags, seq=0, ack=0, payload=b"", options=(), v6=False):
+    ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+    return raw(ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, options=list(options))
+               / Raw(payload))
+
+
+def _valid(pkt: bytes):
+    parsed = (IP if pkt[0] >> 4 == 4 else IPv6)(pkt)
+    again = parsed.copy()
+    del again[TCP].chksum
+    assert (IP if pkt[0] >> 4 == 4 else IPv6)(raw(again))[TCP].chksum == parsed[TCP].chksum, "bad TCP checksum"
+    return parsed
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_rewrite_seq_shifts_one_way_and_shifts_back_the_other(v6):
+    from conformance.middlebox.rewriter import Rewriter
+
+    c, s = ("2001:db8:1:1::2", "2001:db8:2::2") if v6 else ("198.18.1.2", "198.19.0.2")
+    rw = Rewriter("rewrite-seq", 1000)
+    syn = _valid(rw.handle(_seg(c, 40000, s, 80, "S", seq=0xFFFFFF00, v6=v6))[0])
+    assert syn[TCP].seq == (0xFFFFFF00 + 1000) & 0xFFFFFFFF  # wraps
+    shifted = (0xFFFFFF00 + 1001) & 0xFFFFFFFF  # the server acknowledges the shifted SYN
+    back = _valid(rw.handle(_seg(s, 80, c, 40000, "SA", seq=5, ack=shifted,
+                                 options=[("SAck", (shifted, shifted + 100))], v6=v6))[0])
+    assert back[TCP].ack == 0xFFFFFF01 and back[TCP].seq == 5
+    assert dict(back[TCP].options)["SAck"] == (0xFFFFFF01, 0xFFFFFF01 + 100)
+    assert rw.handle(_seg(c, 40001, s, 80, "A", seq=7, v6=v6)) is None  # a flow whose SYN it never saw
+    assert rw.stats["flows"] == [{"client": f"{c}:40000", "server": f"{s}:80", "offset": 1000}]
+    randomised = Rewriter("rewrite-seq", 0)
+    randomised.handle(_seg(c, 40000, s, 80, "S", seq=1, v6=v6))
+    assert randomised.stats["flows"][0]["offset"] >= 1 << 20
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_resegment_splits_with_the_options_copied(v6):
+    from conformance.middlebox.rewriter import Rewriter
+    from conformance.wire import DSS
+
+    c, s = ("2001:db8:1:1::2", "2001:db8:2::2") if v6 else ("198.18.1.2", "198.19.0.2")
+    data = bytes(range(256)) * 5  # 1280 bytes
+    dss = DSS(flags="AaMm", data_ack=1, dsn=100, ssn=1, data_level_length=1280)
+    rw = Rewriter("resegment", 500)
+    original = _seg(c, 40000, s, 80, "PA", seq=1000, payload=data, options=[dss], v6=v6)
+    pieces = [_valid(p) for p in rw.handle(original)]
+    assert [len(p[TCP].payload) for p in pieces] == [500, 500, 280]
+    assert [p[TCP].seq for p in pieces] == [1000, 1500, 2000]
+    assert b"".join(bytes(p[TCP].payload) for p in pieces) == data
+    assert [str(p[TCP].flags) for p in pieces] == ["A", "A", "PA"]  # PSH (and FIN) on the last only
+    options = (IP if not v6 else IPv6)(original)[TCP].options
+    assert options and all(p[TCP].options == options for p in pieces)
+    assert rw.handle(_seg(c, 40000, s, 80, "A", seq=1, payload=b"x" * 500, v6=v6)) is None  # small enough
+    assert (rw.stats["changed"], rw.stats["added"]) == (1, 2)
 
 
 # --- the BPF payload tests, run by our interpreter on real packets --------------------------------
@@ -337,6 +415,9 @@ def _transfer(net, folder: Path, *, size=200_000, mptcp=True, wait=30.0) -> dict
     ("strip-mptcp-all", {"from_packet": 4}, True, range(1, 10_000)),
     ("clamp-mss", {}, True, range(2, 3)),  # the SYN and the SYN/ACK
     ("strip-mptcp-syn", {}, False, range(0, 1)),  # a plain TCP SYN has nothing to strip
+    ("rewrite-seq", {}, True, range(20, 10_000)),  # every segment, both ways
+    ("resegment", {}, True, range(20, 10_000)),  # every client data segment
+    ("tcp-proxy", {}, True, range(1, 2)),  # the one connection
 ])
 def test_hits_count_what_the_middlebox_did(net, tmp_path, name, changes, mptcp, hits):
     from conformance.middlebox import attach
@@ -350,6 +431,13 @@ def test_hits_count_what_the_middlebox_did(net, tmp_path, name, changes, mptcp, 
     assert effect.hits in hits, effect
     assert effect.took_effect == (hits.start > 0)
     assert box.hits() == effect.hits  # read once more after removal: the final counters
+    helper = box.helper_reports().get("r1")
+    if name == "rewrite-seq":
+        assert helper["changed"] >= 20 and len(helper["flows"]) == 1, helper
+    elif name == "resegment":
+        assert helper["changed"] >= 20 and helper["added"] >= helper["changed"], helper
+    elif name == "tcp-proxy":
+        assert helper["connections"] == 1 and helper["c2s_bytes"] == helper["s2c_bytes"] == 200_000, helper
 
 
 @needs_root

@@ -233,14 +233,28 @@ class Peer:
         fields = {"flags": flags, "data_ack": self.data_ack, "dsn": wire_dsn, "ssn": ssn,
                   "data_level_length": length}
         # The checksum is over the 64-bit DSN whatever the width sent (§3.3.1).
-        if checksum == "always" or (checksum == "auto" and self.checksum):
+        if checksum in ("always", "bad") or (checksum == "auto" and self.checksum):
             fields["checksum"] = crypto.dss_checksum(dsn, ssn, length, self._next_payload(size))
+            if checksum == "bad":  # what a receiver computes after a middlebox changed the data
+                fields["checksum"] ^= 0xFFFF
         return [DSS(**fields)]
 
     def data(self, step: dict) -> None:
         sf, size = self.sub(step), step["size"]
+        # A hole at the data level: these bytes are mapped and sent by no one (another subflow's,
+        # lost with it); the subflow's own sequence numbers stay contiguous.
+        self.sent_data += step.get("skip", 0)
         if step.get("mapping") == "auto":
             opts = self._dss(sf, size, dsn_bits=step.get("dsn_bits", 64), checksum=step.get("checksum", "auto"))
+        elif step.get("mapping") == "infinite":
+            # §3.7: data-level length 0, from this segment's DSN and subflow sequence number on
+            # (the last data known delivered is what came before); a checksum, if used, is 0.
+            dsn = (crypto.idsn(self.client_key) + 1 + self.sent_data) % 2**64
+            fields = {"flags": "AaMm", "data_ack": self.data_ack, "dsn": dsn,
+                      "ssn": (sf.snd_nxt - sf.isn) % 2**32, "data_level_length": 0}
+            if self.checksum:
+                fields["checksum"] = 0
+            opts = [DSS(**fields)]
         elif step.get("mapping") == "mpc":
             fields = {"flags": 0x81 if self.checksum else 0x01, "sender_key": self.client_key,
                       "receiver_key": self.server_key, "data_level_length": size}

@@ -11,8 +11,11 @@ Every step but sleep takes `subflow` (default 0): which of the peer's paths it a
   ack      send a pure ACK acknowledging what arrived; `options`
   data     send `size` bytes of payload; `options`, or `mapping: "auto"` for a DSS mapping (and
            Data ACK) from the tracked data sequence state (`dsn_bits` 64 or 32; `checksum` "auto"
-           as negotiated, "always" or "never"), `mapping: "mpc"` for MP_CAPABLE with
-           both keys and the data-level length (§3.1, data on the third ACK / first data)
+           as negotiated, "always", "never" or "bad": a wrong one), `skip: N` first leaves N bytes
+           of the data sequence space unsent (a hole), `mapping: "mpc"` for MP_CAPABLE with
+           both keys and the data-level length (§3.1, data on the third ACK / first data),
+           `mapping: "infinite"` for an infinite mapping (DSS with data-level length 0 from this
+           segment on: the fallback of §3.7); no mapping and no options: plain TCP data
   fin      send a TCP FIN (no MPTCP option unless `options`): closing a plain TCP connection
   data_fin send a DATA_FIN (DSS with F, SSN 0, length 1) with a TCP FIN if `tcp_fin` (default true)
   recv     wait up to `timeout` seconds (default 2) for `until`: "any" (one segment), "fin", "rst",
@@ -40,7 +43,7 @@ OPS = {
     "syn": {"options", "wait", "mss", "subflow"},
     "join": {"subflow", "address_id", "backup", "token", "hmac", "wait"},
     "ack": {"options", "seq_offset", "subflow"},
-    "data": {"size", "options", "mapping", "push", "subflow", "dsn_bits", "checksum"},
+    "data": {"size", "options", "mapping", "push", "subflow", "dsn_bits", "checksum", "skip"},
     "data_fin": {"options", "tcp_fin", "subflow"},
     "fin": {"options", "subflow"},
     "recv": {"timeout", "until", "ack", "subflow"},
@@ -96,12 +99,14 @@ def validate(steps: object, source: str = "script") -> list[dict]:
             raise InputError(f"{where} (join): hmac must be 'good', 'bad' or 'none'")
         if op == "data" and (not isinstance(step.get("size"), int) or step["size"] <= 0):
             raise InputError(f"{where} (data): size must be a positive number of bytes")
-        if op == "data" and step.get("mapping") not in (None, "auto", "mpc"):
-            raise InputError(f"{where} (data): mapping must be 'auto' or 'mpc'")
+        if op == "data" and step.get("mapping") not in (None, "auto", "mpc", "infinite"):
+            raise InputError(f"{where} (data): mapping must be 'auto', 'mpc' or 'infinite'")
         if op == "data" and step.get("dsn_bits", 64) not in (32, 64):
             raise InputError(f"{where} (data): dsn_bits must be 32 or 64")
-        if op == "data" and step.get("checksum", "auto") not in ("auto", "always", "never"):
-            raise InputError(f"{where} (data): checksum must be 'auto', 'always' or 'never'")
+        if op == "data" and step.get("checksum", "auto") not in ("auto", "always", "never", "bad"):
+            raise InputError(f"{where} (data): checksum must be 'auto', 'always', 'never' or 'bad'")
+        if op == "data" and (not isinstance(step.get("skip", 0), int) or step.get("skip", 0) < 0):
+            raise InputError(f"{where} (data): skip must be a number of bytes, 0 or more")
         until = step.get("until", "any")
         if op == "recv" and not (until in UNTIL or (isinstance(until, str) and until.startswith("data:")
                                                      and until[5:].isdigit())):

@@ -11,9 +11,12 @@ from conformance.middlebox.profile import (
     Match,
     Profile,
     ProfileError,
+    Resegment,
     RewritePayload,
+    RewriteSeq,
     Snat,
     StripOption,
+    TcpProxy,
 )
 
 _STRIP = StripOption()
@@ -39,6 +42,15 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             description="clamps the MSS option of SYNs and SYN/ACKs to 1200"),
     Profile("snat", Match("any"), Snat(), "c2s",
             description="source NAT to the router's address, client ports rewritten to 20000-20999"),
+    Profile("rewrite-seq", Match("any"), RewriteSeq(), "both",
+            description="randomises each subflow's ISN as some firewalls do (client's sequence numbers "
+                        "shifted, server's ACKs and SACK blocks shifted back)"),
+    Profile("resegment", Match("data"), Resegment(500), "c2s",
+            description="splits data segments into pieces of at most 500 bytes, each with the "
+                        "original's options (segmentation offload, a resegmenting proxy)"),
+    Profile("tcp-proxy", Match("any"), TcpProxy(), "c2s",
+            description="a TCP-terminating proxy: answers the client's connections itself as plain TCP "
+                        "and opens its own plain TCP connections to the server"),
 )}
 
 

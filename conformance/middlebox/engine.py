@@ -11,6 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,15 +22,17 @@ from conformance.errors import CommandError, HarnessError
 from conformance.middlebox.catalogue import profile as named_profile
 from conformance.middlebox.placement import Placement, place
 from conformance.middlebox.placement import routers as topology_routers
-from conformance.middlebox.profile import Profile
-from conformance.middlebox.rules import FAMILIES, SAVE_TOOLS, Plan, plan
+from conformance.middlebox.profile import HELPED, Profile
+from conformance.middlebox.rules import FAMILIES, SAVE_TOOLS, Plan, plan, proxy_port, queue
 from conformance.net.cleanup import Cleanup
 from conformance.net.names import run_prefix
-from conformance.proc import NETNS_DIR, run
+from conformance.proc import NETNS_DIR, Background, run
 from conformance.verdict import Expect
 
 # Probes of the doctor a profile's action cannot do without (the others are plain xt modules).
-NEEDS = {"strip-option": ("iptables:TCPOPTSTRIP",), "rewrite-payload": ("nft",)}
+NEEDS = {"strip-option": ("iptables:TCPOPTSTRIP",), "rewrite-payload": ("nft",),
+         "rewrite-seq": ("iptables:NFQUEUE",), "resegment": ("iptables:NFQUEUE",)}
+# (tcp-proxy needs only the nat table's REDIRECT, which every iptables has.)
 _numbers = itertools.count(1)
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) ")
 
@@ -67,6 +72,10 @@ class RouterPart:
     plan: Plan
     installed: bool = False
     final: dict[str, int] | None = None  # counters read just before removal
+    helper: Background | None = None  # the NFQUEUE helper of a helped action (rewriter.py)
+    helper_stats: Path | None = None  # where it writes what it did when it stops
+    helper_final: dict | None = None  # what it wrote, read once it stopped
+    helper_scratch: Path | None = None  # a temporary folder for its stats (no artefact folder given)
 
     @property
     def router(self) -> str:
@@ -120,6 +129,7 @@ class RouterPart:
             return
         if not (NETNS_DIR / self.netns).exists():
             self.installed = False
+            self._stop_helper(evidence)
             return
         try:
             self.final = self.counters()
@@ -133,10 +143,44 @@ class RouterPart:
             if cp.returncode != 0 and not _already_gone(cp.stderr):
                 failures.append(f"{' '.join(argv)}: {cp.stderr.strip().splitlines()[-1:]}")
         self.installed = False
+        self._stop_helper(evidence)
         left = self.leftovers()
         if failures or left:
             raise HarnessError(f"removing middlebox {self.plan.chain} from {self.router} failed: "
                                + "; ".join(failures + [f"still there: {x}" for x in left]))
+
+    def start_helper(self, profile: Profile, number: int, folder: Path | None) -> None:
+        """The NFQUEUE helper, up and bound before any rule queues a segment to it."""
+        if folder is None:
+            folder = self.helper_scratch = Path(tempfile.mkdtemp(prefix=f"{run_prefix()}-mb-"))
+        stats = folder / f"middlebox-{number}-{profile.name}-{self.router}-helper.json"
+        action = profile.action
+        if action.kind == "tcp-proxy":
+            argv = ["conformance.middlebox.proxy", "--port", str(proxy_port(number))]
+        else:
+            value = action.offset if action.kind == "rewrite-seq" else action.size
+            argv = ["conformance.middlebox.rewriter", "--queue", str(queue(number)), action.kind, str(value)]
+        self.helper_stats = stats
+        self.helper = Background([sys.executable, "-m", *argv, "--stats", str(stats)],
+                                 netns=self.netns, stdout=stats.with_suffix(".out"),
+                                 stderr=stats.with_suffix(".err"))
+        self.helper.wait_for_output("ready", f"middlebox helper {action.kind} on {self.router}")
+
+    def _stop_helper(self, evidence: Path | None) -> None:
+        """Stop the helper (after the rules that fed it are gone) and keep what it reports."""
+        if self.helper is None:
+            return
+        self.helper.stop()
+        self.helper = None
+        if self.helper_stats is not None and self.helper_stats.exists():
+            text = self.helper_stats.read_text()
+            self.helper_final = json.loads(text)
+            if evidence is not None:
+                with evidence.open("a") as f:
+                    f.write(f"# helper ({self.helper_stats.name})\n{text}\n")
+        if self.helper_scratch is not None:
+            shutil.rmtree(self.helper_scratch, ignore_errors=True)
+            self.helper_scratch = None
 
     def leftovers(self) -> list[str]:
         """Anything of this plan still in the router (checked after removal)."""
@@ -194,6 +238,11 @@ class Middlebox:
     def hits(self) -> int:
         """Packets the middlebox acted on, over all its routers and families."""
         return sum(sum(c.values()) for c in self.counters().values())
+
+    def helper_reports(self) -> dict[str, dict]:
+        """Per router, what an NFQUEUE helper reported (seen, changed, added, offsets) once the
+        middlebox was removed; {} for rule-only actions."""
+        return {p.router: p.helper_final for p in self.parts if p.helper_final is not None}
 
     def effect(self) -> Effect:
         return Effect(self.profile.name, self.hits(), self.where)
@@ -253,6 +302,8 @@ def attach(profile: Profile | str, network, *, cleanup: Cleanup, router: str | l
                           plan(chosen, placement, families, prefix=run_prefix(), number=box.number))
         box.parts.append(part)
         part.installed = True  # from the first command on, removal has something to do
+        if chosen.action.kind in HELPED:
+            part.start_helper(chosen, box.number, folder)
         for argv, stdin in part.plan.install():
             try:
                 run(argv, netns=part.netns, input=stdin)

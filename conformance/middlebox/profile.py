@@ -128,8 +128,44 @@ class Snat:
         object.__setattr__(self, "ports", (low, high))
 
 
-Action = StripOption | Drop | RewritePayload | ClampMss | Snat
-ACTIONS: dict[str, type] = {cls.kind: cls for cls in (StripOption, Drop, RewritePayload, ClampMss, Snat)}
+@dataclass(frozen=True)
+class RewriteSeq:
+    """A firewall randomising ISNs: the client's sequence numbers shifted by `offset` (0: a random
+    offset per subflow), the server's ACKs and SACK blocks shifted back (NFQUEUE + scapy,
+    middlebox/rewriter.py). Needs both directions."""
+
+    kind: ClassVar[str] = "rewrite-seq"
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.offset, "action.offset", 0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class Resegment:
+    """A resegmenting middlebox: data segments longer than `size` bytes are split into pieces of
+    at most `size`, each carrying the original's TCP options (NFQUEUE + scapy, middlebox/rewriter.py)."""
+
+    kind: ClassVar[str] = "resegment"
+    size: int = 500
+
+    def __post_init__(self) -> None:
+        _int(self.size, "action.size", 1, 9000)
+
+
+@dataclass(frozen=True)
+class TcpProxy:
+    """A TCP-terminating proxy: the client's connections are redirected to a process on the router
+    that answers them as plain TCP and opens its own plain TCP connections to the server
+    (middlebox/proxy.py)."""
+
+    kind: ClassVar[str] = "tcp-proxy"
+
+
+Action = StripOption | Drop | RewritePayload | ClampMss | Snat | RewriteSeq | Resegment | TcpProxy
+ACTIONS: dict[str, type] = {cls.kind: cls for cls in (StripOption, Drop, RewritePayload, ClampMss, Snat,
+                                                      RewriteSeq, Resegment, TcpProxy)}
+HELPED = ("rewrite-seq", "resegment", "tcp-proxy")  # actions a helper process on the router does
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -173,6 +209,14 @@ class Profile:
             raise ProfileError(f"match.segment {seg!r}: rewrite-payload needs data segments")
         if kind == "clamp-mss" and seg not in ("syn", "synack", "any"):
             raise ProfileError(f"match.segment {seg!r}: clamp-mss acts on SYNs (syn, synack or any)")
+        if kind == "rewrite-seq" and (self.direction != "both" or seg != "any" or self.from_packet != 1):
+            raise ProfileError("rewrite-seq shifts whole subflows: segment any, direction both, from_packet 1")
+        if kind == "resegment" and seg not in ("data", "any"):
+            raise ProfileError(f"match.segment {seg!r}: resegment splits data segments")
+        if kind == "tcp-proxy" and (self.direction != "c2s" or seg != "any" or self.match.mptcp
+                                    or self.match.nth or self.from_packet != 1):
+            raise ProfileError("tcp-proxy takes whole client connections: segment any, direction c2s, "
+                               "nothing else")
         if kind == "snat":
             if self.direction != "c2s":
                 raise ProfileError(f"direction {self.direction!r}: snat translates client connections (c2s)")

@@ -19,6 +19,8 @@ SAVE_TOOLS = {"iptables": "iptables-save", "ip6tables": "ip6tables-save"}
 FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}
 NTH_EVERY = 1_000_000_000  # statistic nth cycles; this far apart it picks one packet per run
 MARK_BASE = 0x4D420000  # "MB": a rewrite's selection mark, plus the middlebox number
+PROXY_PORT_BASE = 47000  # + the middlebox number: clear of the endpoints' ports (5201 on)
+QUEUE_BASE = 0x6D00  # the NFQUEUE numbers of helped middleboxes (rewriter.py)
 _CONNBYTES_DIR = {"c2s": "original", "s2c": "reply", "both": "both"}
 _FLAGS = {
     "syn": ["--tcp-flags", "SYN,ACK", "SYN"],
@@ -136,6 +138,12 @@ def plan(profile: Profile, placement: Placement, families: tuple[int, ...], *, p
                 rules.append(Rule(tool, table, chain, ("-o", side.intf, *match, *comment,
                                                        "-j", "SNAT", "--to-source", to)))
             ingress: tuple[str, ...] = ()
+        elif action.kind == "tcp-proxy":
+            # Each client connection's first packet: nat takes it (and the rest follows it).
+            table, hook = "nat", "PREROUTING"
+            rules.append(Rule(tool, table, chain, (*match, *comment, "-j", "REDIRECT", "--to-ports",
+                                                   str(proxy_port(number)))))
+            ingress = placement.ingress("c2s")
         else:
             table, hook = ("filter" if action.kind == "drop" else "mangle"), "FORWARD"
             target = _target(profile, number)
@@ -162,7 +170,20 @@ def _target(profile: Profile, number: int) -> list[str]:
         return [*flags, "-j", "TCPMSS", "--set-mss", str(action.mss)]
     if action.kind == "rewrite-payload":
         return ["-j", "MARK", "--set-xmark", f"{mark(number):#x}/0xffffffff"]
+    if action.kind in ("rewrite-seq", "resegment"):
+        # No --queue-bypass: with its helper gone the segments are dropped, never passed unchanged.
+        return ["-j", "NFQUEUE", "--queue-num", str(queue(number))]
     raise ValueError(f"no iptables target for action {action.kind!r}")
+
+
+def proxy_port(number: int) -> int:
+    """The router port the TCP-terminating proxy of middlebox `number` listens on."""
+    return PROXY_PORT_BASE + (number & 0xFFF)
+
+
+def queue(number: int) -> int:
+    """The NFQUEUE number of middlebox `number` (clear of the delay lines' 0x4D50 on)."""
+    return QUEUE_BASE + (number & 0xFFF)
 
 
 def mark(number: int) -> int:

@@ -1,0 +1,212 @@
+"""The NFQUEUE helper of the middleboxes no netfilter target can be: ISN rewriting and
+resegmentation. It runs in the router's namespace and gets every queued segment whole
+(NFQNL_COPY_PACKET); scapy changes it and the verdict hands the changed bytes back.
+
+    rewrite-seq <offset>   a firewall randomising ISNs: the client's sequence numbers go up by
+                           `offset` (0: a random offset per subflow), the server's ACKs and SACK
+                           blocks come down by the same; both directions must be queued.
+    resegment <size>       a resegmenting middlebox: a data segment longer than `size` bytes
+                           leaves as several of at most `size`, each with the original's options
+                           (as segmentation offload copies them); the first goes on with the
+                           verdict, the rest are sent after it through a raw socket.
+
+Stats (segments seen, changed, added; the offsets used) go to `--stats` as JSON when it stops
+(SIGTERM, or end of stdin). Connections are told apart by the SYN: its sender is the client.
+
+    python -m conformance.middlebox.rewriter --queue Q --stats FILE rewrite-seq 0   (in the router's netns)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+from conformance.net.delayline import (
+    NF_ACCEPT,
+    NFQA_CFG_CMD,
+    NFQA_CFG_PARAMS,
+    NFQA_CFG_QUEUE_MAXLEN,
+    NFQA_PACKET_HDR,
+    NFQA_VERDICT_HDR,
+    NFQNL_CFG_CMD_BIND,
+    NFQNL_MSG_VERDICT,
+    NfQueue,
+    _attr,
+    _message,
+)
+
+NFQA_PAYLOAD = 10
+NFQNL_COPY_PACKET = 2
+NLM_F_REQUEST = 1
+_NLMSG = struct.Struct("=IHHII")
+_PACKET = (3 << 8) | 0  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET
+SEQ = 0xFFFFFFFF
+
+
+class CopyQueue(NfQueue):
+    """An NfQueue that asks for whole packets and can give back changed ones."""
+
+    def bind_copy(self, queue: int, limit: int = 1024) -> None:
+        self._request(queue, _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, 0)))
+        self._request(queue, _attr(NFQA_CFG_PARAMS, struct.pack(">IB", 0xFFFF, NFQNL_COPY_PACKET))
+                      + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack(">I", limit)))
+
+    def read(self) -> list[tuple[int, int, bytes]]:
+        """(queue, packet id, packet bytes) of every packet message waiting (blocks for the first)."""
+        select.select([self.sock], [], [])
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                return out
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, off)[:2]
+                if length < _NLMSG.size:
+                    break
+                if kind == _PACKET:
+                    queue = data[off + 18] << 8 | data[off + 19]
+                    pid, payload = None, None
+                    a, end = off + 20, off + length
+                    while a + 4 <= end:
+                        alen, atype = struct.unpack_from("=HH", data, a)
+                        atype &= 0x3FFF
+                        if atype == NFQA_PACKET_HDR:
+                            pid = int.from_bytes(data[a + 4:a + 8], "big")
+                        elif atype == NFQA_PAYLOAD:
+                            payload = data[a + 4:a + alen]
+                        if alen < 4:
+                            break
+                        a += (alen + 3) & ~3
+                    if pid is not None and payload is not None:
+                        out.append((queue, pid, payload))
+                off += (length + 3) & ~3
+
+    def verdict(self, queue: int, packet_id: int, payload: bytes | None = None) -> None:
+        attrs = _attr(NFQA_VERDICT_HDR, struct.pack(">II", NF_ACCEPT, packet_id))
+        if payload is not None:
+            attrs += _attr(NFQA_PAYLOAD, payload)
+        while True:
+            try:
+                self.sock.send(_message(NFQNL_MSG_VERDICT, queue, attrs, NLM_F_REQUEST, 0))
+                return
+            except BlockingIOError:
+                select.select([], [self.sock], [], 0.01)
+
+
+class Rewriter:
+    def __init__(self, action: str, value: int, seed: int = 8684) -> None:
+        self.action, self.value = action, value
+        self.rng = random.Random(seed)
+        self.offsets: dict[tuple, int] = {}  # client->server 4-tuple -> offset
+        self.stats = {"action": action, "value": value, "seen": 0, "changed": 0, "added": 0, "flows": []}
+
+    def handle(self, raw: bytes) -> list[bytes] | None:
+        """The packets to send for `raw`: None to let it go unchanged, else [first, *added]."""
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.inet6 import IPv6
+
+        self.stats["seen"] += 1
+        pkt = IP(raw) if raw[0] >> 4 == 4 else IPv6(raw)
+        if TCP not in pkt:
+            return None
+        tcp = pkt[TCP]
+        out = self._seq(pkt, tcp) if self.action == "rewrite-seq" else self._split(pkt, tcp)
+        if out is not None:
+            self.stats["changed"] += 1
+            self.stats["added"] += len(out) - 1
+        return out
+
+    def _seq(self, pkt, tcp) -> list[bytes] | None:
+        key = (pkt.src, tcp.sport, pkt.dst, tcp.dport)
+        back = (pkt.dst, tcp.dport, pkt.src, tcp.sport)
+        flags = int(tcp.flags)
+        if flags & 0x02 and not flags & 0x10 and key not in self.offsets:  # a new subflow's SYN
+            offset = self.value or self.rng.randrange(1 << 20, 1 << 31)
+            self.offsets[key] = offset
+            self.stats["flows"].append({"client": f"{pkt.src}:{tcp.sport}", "server": f"{pkt.dst}:{tcp.dport}",
+                                        "offset": offset})
+        if key in self.offsets:  # client -> server: sequence numbers up
+            tcp.seq = (tcp.seq + self.offsets[key]) & SEQ
+        elif back in self.offsets:  # server -> client: what it acknowledges down
+            offset = self.offsets[back]
+            if flags & 0x10:
+                tcp.ack = (tcp.ack - offset) & SEQ
+            tcp.options = [(name, tuple((v - offset) & SEQ for v in value)) if name == "SAck" else (name, value)
+                           for name, value in tcp.options]
+        else:
+            return None
+        del tcp.chksum
+        return [bytes(pkt)]
+
+    def _split(self, pkt, tcp) -> list[bytes] | None:
+        data = bytes(tcp.payload)
+        if len(data) <= self.value:
+            return None
+        out = []
+        for start in range(0, len(data), self.value):
+            piece = pkt.copy()
+            ptcp = piece.getlayer(type(tcp))
+            ptcp.remove_payload()
+            ptcp.seq = (tcp.seq + start) & SEQ
+            if start + self.value < len(data):
+                ptcp.flags = int(tcp.flags) & ~0x09  # FIN and PSH only on the last piece
+            ptcp.add_payload(data[start:start + self.value])
+            del ptcp.chksum
+            if hasattr(piece, "len"):
+                del piece.len
+                del piece.chksum
+            else:
+                del piece.plen
+            out.append(bytes(piece))
+        return out
+
+
+def serve(queue: int, rewriter: Rewriter, stats: Path) -> None:
+    nfq = CopyQueue(rcvbuf=16 << 20)
+    nfq.bind_copy(queue)
+    raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+
+    def finish(*_) -> None:
+        stats.write_text(json.dumps(rewriter.stats, indent=2))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, finish)
+    print("ready", flush=True)
+    while True:
+        for q, pid, raw in nfq.read():
+            try:
+                out = rewriter.handle(raw)
+            except Exception as exc:  # a packet scapy cannot rebuild goes on unchanged, noted
+                rewriter.stats.setdefault("errors", []).append(str(exc)[:200])
+                out = None
+            nfq.verdict(q, pid, out[0] if out else None)
+            for extra in (out or [])[1:]:
+                if extra[0] >> 4 == 4:
+                    raw4.sendto(extra, (socket.inet_ntop(socket.AF_INET, extra[16:20]), 0))
+                else:
+                    raw6.sendto(extra, (socket.inet_ntop(socket.AF_INET6, extra[24:40]), 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conformance.middlebox.rewriter")
+    ap.add_argument("--queue", type=int, required=True)
+    ap.add_argument("--stats", type=Path, required=True)
+    ap.add_argument("action", choices=("rewrite-seq", "resegment"))
+    ap.add_argument("value", type=int)
+    args = ap.parse_args(argv)
+    serve(args.queue, Rewriter(args.action, args.value), args.stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
