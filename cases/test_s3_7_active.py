@@ -105,3 +105,34 @@ def test_checksum_failure_with_a_hole_in_flight_resets_with_mp_fail(lab):
            expected=f"{KB} bytes", seen={k: got.get(k) for k in ("bytes_received", "receive_error")},
            rid="R3.7-12")
     e.counter(run.counters, "s1", "DataCsumErr", 1, rid="R3.7-11")
+
+
+@pytest.mark.rfc8684("R3.7-03", "R3.7-04")
+def test_join_whose_data_is_acked_without_a_data_ack_is_reset(lab):
+    """The client joins a second subflow and resets the first, so the listener's data goes over
+    the join; the client acknowledges it with plain ACKs, no DSS. Until a Data ACK has come back
+    on a join, such an ACK means the path is not MPTCP-capable: the listener must reset the join
+    (§3.7), with MP_TCPRST "Middlebox interference" (SHOULD)."""
+    lab.configure("s1", MptcpConfig(subflows=2))
+    steps = [*_handshake(0x01), {"op": "data", "size": KB, "mapping": "mpc"},
+             {"op": "recv", "until": "any", "timeout": 2}, {"op": "join", "subflow": 1, "address_id": 1},
+             {"op": "rst", "subflow": 0}, {"op": "recv", "subflow": 1, "until": "data:1000", "ack": False,
+                                           "timeout": 4},
+             {"op": "ack", "subflow": 1, "options": []},  # a plain ACK: no DSS, no Data ACK
+             {"op": "recv", "subflow": 1, "until": "rst", "ack": False, "timeout": 3}]
+    run = lab.script(steps, expect=KB, send=4 * KB, server_send_delay=1.0, timeout=8)
+    e = lab.expect
+    on_join = [s for s in run.received if s["subflow"] == 1]
+    data = next((s for s in on_join if s["len"]), None)
+    e.that(data is not None, "the listener sends data on the join once the first subflow is gone",
+           expected="data on the join", seen=[run.describe(s) for s in on_join][:3] or "nothing")
+    plain = _sent(run, lambda s: s["subflow"] == 1 and s["flags"] == "A" and not s["options"])
+    later = [s for s in _after(run, plain[-1]) if s["subflow"] == 1] if plain else []
+    rst = next((s for s in later if "R" in s["flags"]), None)
+    e.that(rst is not None, "the listener resets the join whose data was ACKed without a Data ACK",
+           expected="RST on the join", rid="R3.7-03", deviation=lab.known_deviation("R3.7-03"),
+           seen=run.describe(rst) if rst else [run.describe(s) for s in later[:3]] or "nothing")
+    reason = run.option(rst, "MPTCPRst")
+    e.that(reason is not None and reason["reason"] == 6, "the RST carries MP_TCPRST 'Middlebox interference'",
+           expected="MP_TCPRST reason 6", seen=run.describe(rst) if rst else "no RST",
+           rid="R3.7-04", deviation=lab.known_deviation("R3.7-04"))

@@ -41,8 +41,10 @@ MB = 1_000_000
 
 # The passive rules about how a connection is closed (FIN every subflow, no RST after DATA_FIN).
 HARNESS_CLOSE_RULES = ("R3.3.3-03", "R3.3.3-04")
+# The kernel's counts of subflows it reset because their data and mappings did not fit together.
+MAPPING_RESETS = ("MPTcpExtDSSCorruptionReset", "MPTcpExtDSSNoMatchTCP", "MPTcpExtDSSNotMatching")
 # What a failed report shows.
-_OUTCOME = ("bytes_received", "first_difference", "error", "send_error", "receive_error")
+_OUTCOME = ("bytes_received", "first_difference", "difference_sample", "error", "send_error", "receive_error")
 
 
 @dataclass
@@ -84,12 +86,13 @@ class TransferRun:
         e.that(self.client.get("mptcp") is True and self.client.get("fallback") is False, what, expected="MPTCP",
                seen={k: self.client.get(k) for k in ("fallback", "mptcp")})
 
-    def expect_intact(self, e: Expect) -> None:
+    def expect_intact(self, e: Expect, *, rid: str | None = None, deviation: str | None = None) -> None:
         """Both ends received exactly the peer's bytes (sizes and SHA-256 in the endpoint reports)."""
         for role, report in (("client", self.client), ("server", self.server)):
             want = report.get("bytes_expected")
             e.that(report.get("ok") is True, f"{role} received the peer's {want} bytes intact (SHA-256)",
-                   expected="ok", seen={k: report[k] for k in _OUTCOME if report.get(k) is not None})
+                   expected="ok", seen={k: report[k] for k in _OUTCOME if report.get(k) is not None},
+                   rid=rid, deviation=deviation)
 
 
 @dataclass
@@ -276,12 +279,18 @@ class Lab:
                    for role, r in (("client", run.client), ("server", run.server))
                    if str(r.get("receive_error") or "").startswith("TimeoutError")
                    or r.get("send_error") == "still sending at the deadline"]
-        if stalled:
-            # An endpoint gave up at its deadline and closed a stalled socket with data unread:
-            # the RSTs that follow are TCP's answer to that close, not the stack's way of ending
-            # a connection, so the closing rules say nothing here (the stall is the case's to judge).
-            self.expect.that(True, "the transfer stalled and was closed at its deadline; not judged: "
-                             + ", ".join(HARNESS_CLOSE_RULES), expected="-", seen="; ".join(stalled))
+        endpoints = {n for n, i in self.topo.interfaces() if i in endpoint_intfs}
+        broken = [f"{n} {c.removeprefix('MPTcpExt')} {run.counters[n][c]}" for n in sorted(endpoints)
+                  for c in MAPPING_RESETS if run.counters.get(n, {}).get(c)]
+        if stalled or broken:
+            # An endpoint gave up at its deadline and closed a stalled socket with data unread, or
+            # a kernel reset subflows whose data it could not map (its counters say so): the RSTs
+            # that follow answer that, they are not the stack's way of ending a connection, so the
+            # closing rules say nothing here (the stall or the broken mapping is the case's to judge).
+            self.expect.that(True, "the transfer " + ("stalled and was closed at its deadline" if stalled else
+                                                      "lost subflows to broken mappings")
+                             + "; not judged: " + ", ".join(HARNESS_CLOSE_RULES), expected="-",
+                             seen="; ".join(stalled + broken))
             judgments = [j for j in judgments if j.rid not in HARNESS_CLOSE_RULES]
         for j in judgments:
             if j.outcome == NOT_EXERCISED:
@@ -290,7 +299,6 @@ class Lab:
             self.expect.that(j.outcome == PASS, f"passive: {j.sentence}", expected="what RFC 8684 requires",
                              seen=", ".join(str(w) for w in j.where[:3]) or "-", rid=j.rid,
                              deviation=self.known_deviation(j.rid))
-        endpoints = {n for n, i in self.topo.interfaces() if i in endpoint_intfs}
         self._oracles(run, pcaps, conns, judgments, counter_names, endpoints)
 
     def _oracles(self, run: TransferRun, pcaps: list[Path], conns: list, judgments: list,
@@ -355,6 +363,7 @@ class Lab:
                timeout, abort_after: int | None = None, send_delay: float = 0.0) -> Background:
         argv = [*TRANSFER, role, "--addr", addr, "--port", str(port), "--send", str(send), "--expect",
                 str(expect), "--report", str(folder / f"{role}.json"), "--wait-subflows", str(wait_subflows),
+                "--save-mismatch", str(folder / f"{role}-received.bin"),
                 "--timeout", str(timeout)]
         if not mptcp:
             argv.append("--tcp")

@@ -51,7 +51,7 @@ def _data(**changes):
      "profile 'x': match.segment 'syns' not one of syn, synack, third-ack, data, pure-ack, any"),
     ({"action": {"kind": "strp_option"}},
      "profile 'x': action.kind 'strp_option' not one of strip-option, drop, rewrite-payload, clamp-mss, snat, "
-     "rewrite-seq, resegment, tcp-proxy"),
+     "rewrite-seq, resegment, coalesce, tcp-proxy"),
     ({"direction": "up"}, "profile 'x': direction 'up' not one of c2s, s2c, both"),
     ({"from_packet": 0}, "profile 'x': from_packet 0 not in 1..1000000"),
     ({"from_packet": "3"}, "profile 'x': from_packet '3' is not an integer"),
@@ -258,6 +258,33 @@ def test_resegment_splits_with_the_options_copied(v6):
     assert (rw.stats["changed"], rw.stats["added"]) == (1, 2)
 
 
+def test_coalesce_merges_what_follows_and_loses_the_second_options():
+    from conformance.middlebox.rewriter import HOLD_S, Coalescer
+    from conformance.wire import DSS
+
+    c, s = "198.18.1.2", "198.19.0.2"
+    first, second = (DSS(flags="AaMm", data_ack=1, dsn=100 + 500 * i, ssn=1 + 500 * i, data_level_length=500)
+                     for i in range(2))
+    co = Coalescer(1400)
+    held = co.arrive(1, _seg(c, 40000, s, 80, "A", seq=1000, ack=7, payload=b"a" * 500, options=[first]), 0.0)
+    assert held == []
+    (merged_id, merged, drop), (second_id, none, dropped) = co.arrive(
+        2, _seg(c, 40000, s, 80, "PA", seq=1500, ack=9, payload=b"b" * 500, options=[second]), 0.001)
+    assert (merged_id, drop, second_id, none, dropped) == (1, False, 2, None, True)
+    pkt = _valid(merged)
+    assert bytes(pkt[TCP].payload) == b"a" * 500 + b"b" * 500 and pkt[TCP].ack == 9 and "P" in str(pkt[TCP].flags)
+    assert pkt[TCP].options == IP(_seg(c, 40000, s, 80, "A", options=[first]))[TCP].options  # the first's only
+    assert (co.stats["changed"], co.stats["options_lost"]) == (1, 1)
+    # Not contiguous, or too big together: the held one goes on unchanged and the new one waits.
+    co.arrive(3, _seg(c, 40000, s, 80, "A", seq=5000, payload=b"c" * 500), 0.0)
+    assert co.arrive(4, _seg(c, 40000, s, 80, "A", seq=9000, payload=b"d" * 500), 0.0) == [(3, None, False)]
+    assert co.arrive(5, _seg(c, 40000, s, 80, "A", seq=9500, payload=b"e" * 1000), 0.0) == [(4, None, False)]
+    # A FIN is never held or merged: it releases what waits and goes on itself.
+    assert co.arrive(6, _seg(c, 40000, s, 80, "FA", seq=10500), 0.0) == [(5, None, False), (6, None, False)]
+    co.arrive(7, _seg(c, 40001, s, 80, "A", seq=1, payload=b"f" * 10), 1.0)
+    assert co.due(1.0 + HOLD_S / 2) == [] and co.due(1.0 + HOLD_S) == [(7, None, False)]
+
+
 # --- the BPF payload tests, run by our interpreter on real packets --------------------------------
 
 def _v4(payload=b"", options=(), ip_options=b""):
@@ -418,6 +445,7 @@ def _transfer(net, folder: Path, *, size=200_000, mptcp=True, wait=30.0) -> dict
     ("rewrite-seq", {}, True, range(20, 10_000)),  # every segment, both ways
     ("resegment", {}, True, range(20, 10_000)),  # every client data segment
     ("tcp-proxy", {}, True, range(1, 2)),  # the one connection
+    ("coalesce", {}, True, range(20, 10_000)),  # every client data segment is queued
 ])
 def test_hits_count_what_the_middlebox_did(net, tmp_path, name, changes, mptcp, hits):
     from conformance.middlebox import attach

@@ -447,3 +447,14 @@ def test_rule_fails_on_its_defect(tmp_path, rid):
     failed = [j for j in judgments if j.rid == rid and j.outcome == FAIL]
     assert failed, (rid, [str(j) for j in judgments])
     assert (failed[0].where and "wants" in str(failed[0])) or failed[0].sentence
+
+
+def test_a_reset_naming_an_error_is_not_judged_as_a_close(tmp_path):
+    """A RST whose MP_TCPRST names an error (§3.6: here "MPTCP-specific error") ends a broken
+    subflow; the closing rules (R3.3.3-03/-04) judge only resets that may be a way of closing:
+    without MP_TCPRST or with reason "unspecified"."""
+    base = data_connection()[:9]
+    for reason, judged in ((1, False), (6, False), (0, True)):
+        judgments = _judge(tmp_path, [*base, _c("R", [MPTCPRst(reason=reason)], sent=9, acked=5)])
+        for rid in ("R3.3.3-03", "R3.3.3-04"):
+            assert (FAIL in _outcomes(judgments, rid)) is judged, (reason, rid)

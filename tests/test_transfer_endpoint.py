@@ -24,9 +24,25 @@ def test_the_right_stream_has_no_difference_in_any_chunking() -> None:
 def test_a_changed_byte_a_duplicate_and_an_excess_are_located() -> None:
     data = bytearray(b"".join(stream("client", SIZE)))
     data[123_457] ^= 0x01
-    assert _feed(bytes(data), 65536).first_difference == 123_457
+    changed = _feed(bytes(data), 65536)
+    assert changed.first_difference == 123_457 and changed.sample == bytes(data[123_457:123_457 + 32])
     original = b"".join(stream("client", SIZE))
     replayed = original[:70_000] + original[60_000:SIZE - 10_000]  # 10 kB delivered twice
     first = next(i for i in range(70_000, SIZE) if replayed[i] != original[i])
     assert _feed(replayed, 4096).first_difference == first
     assert _feed(original + b"x", 65536).first_difference == SIZE
+
+
+def test_a_stream_that_went_wrong_is_saved_whole_and_a_right_one_never(tmp_path) -> None:
+    from conformance.endpoints.transfer import _save
+
+    original = b"".join(stream("client", SIZE))
+    wrong = original[1000:2000] + original[:1000] + original[2000:]
+    exp = Expected("client", SIZE, keep=SIZE)
+    for i in range(0, SIZE, 4096):
+        exp.compare(wrong[i:i + 4096])
+    assert exp.first_difference == 0 and _save(tmp_path / "got.bin", exp) == str(tmp_path / "got.bin")
+    assert (tmp_path / "got.bin").read_bytes() == wrong
+    right = Expected("client", SIZE, keep=SIZE)
+    right.compare(original)
+    assert _save(tmp_path / "right.bin", right) is None and not (tmp_path / "right.bin").exists()

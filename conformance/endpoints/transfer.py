@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
@@ -58,12 +59,18 @@ class Expected:
     """The peer's stream as it should arrive, compared chunk by chunk as it does: the offset of
     the first byte that differs (a hash says only that something did)."""
 
-    def __init__(self, role: str, size: int) -> None:
+    def __init__(self, role: str, size: int, keep: int = 0) -> None:
         self.blocks, self.block, self.pos = stream(role, size), b"", 0
+        # What arrived, kept (up to `keep` bytes) so that a stream that went wrong can be saved
+        # whole: where each piece really belongs is the evidence of how it went wrong.
+        self.keep, self.received = keep, bytearray()
         self.offset = 0  # bytes compared and equal so far
         self.first_difference: int | None = None
+        self.sample = b""  # received bytes from the first difference on (where they came from is evidence)
 
     def compare(self, chunk: bytes) -> None:
+        if len(self.received) < self.keep:
+            self.received += chunk[:self.keep - len(self.received)]
         if self.first_difference is not None:
             return
         i = 0
@@ -77,9 +84,18 @@ class Expected:
             if chunk[i:i + n] != self.block[self.pos:self.pos + n]:
                 j = next(k for k in range(n) if chunk[i + k] != self.block[self.pos + k])
                 self.first_difference = self.offset + i + j
+                self.sample = chunk[i + j:i + j + 32]
                 return
             i, self.pos = i + n, self.pos + n
         self.offset += len(chunk)
+
+
+def _save(path: Path | None, expected: Expected) -> str | None:
+    """The received stream written to `path` if it went wrong (and was kept); the path or None."""
+    if path is None or expected.first_difference is None or not expected.received:
+        return None
+    path.write_bytes(expected.received)
+    return str(path)
 
 
 def digest(role: str, size: int, prefix: int | None = None) -> str:
@@ -156,7 +172,7 @@ def abort(sock: socket.socket) -> None:
 
 def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflows: int,
              wait_timeout: float, abort_after: int | None = None, send_delay: float = 0.0,
-             deadline: float | None = None) -> dict:
+             deadline: float | None = None, save_mismatch: Path | None = None) -> dict:
     """Send and receive at once; `deadline` (time.monotonic()) bounds the whole exchange: a
     connection the kernel stalls, or that trickles, still ends in a report of what got through."""
     peer_role = "server" if role == "client" else "client"
@@ -199,7 +215,7 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     received, h = 0, hashlib.sha256()
-    expected = Expected(peer_role, expect)
+    expected = Expected(peer_role, expect, keep=expect if save_mismatch else 0)
     peak_info = None
     receive_error = None
     while True:
@@ -232,6 +248,8 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
         "sha256_expected": digest(peer_role, expect),
         # Where the bytes first went wrong (None: every byte received was right, maybe too few).
         "first_difference": expected.first_difference,
+        "difference_sample": expected.sample.hex() or None,
+        "received_saved": _save(save_mismatch, expected),
         "duration_s": round(time.monotonic() - t0, 3),
         "mptcp": is_mptcp(sock),
         "mptcp_info_mid": peak_info,
@@ -276,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds the whole exchange may take from the start (connect or accept included)")
     ap.add_argument("--report", required=True, help="path of the JSON report to write")
+    ap.add_argument("--save-mismatch", type=Path, default=None, metavar="PATH",
+                    help="if the received stream differs from the peer's, write it here (kept in memory)")
     ap.add_argument("--abort-after", type=int, default=None, metavar="BYTES",
                     help="after receiving BYTES, close with SO_LINGER 0 (MP_FASTCLOSE) instead of finishing")
     ap.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS",
@@ -307,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         sock.settimeout(args.timeout)
         local = list(sock.getsockname()[:2])  # read now: an aborting exchange closes the socket
         report = exchange(sock, args.role, args.send, args.expect, args.wait_subflows, args.wait_timeout,
-                          args.abort_after, args.send_delay, deadline)
+                          args.abort_after, args.send_delay, deadline, args.save_mismatch)
         report.update({"local": local, "peer": list(peer[:2]), "socket": "tcp" if args.tcp else "mptcp"})
         sock.close()
         if lsock is not None:

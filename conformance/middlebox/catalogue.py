@@ -7,6 +7,7 @@ from typing import Any
 
 from conformance.middlebox.profile import (
     ClampMss,
+    Coalesce,
     Drop,
     Match,
     Profile,
@@ -48,6 +49,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("resegment", Match("data"), Resegment(500), "c2s",
             description="splits data segments into pieces of at most 500 bytes, each with the "
                         "original's options (segmentation offload, a resegmenting proxy)"),
+    Profile("coalesce", Match("data"), Coalesce(1400), "c2s",
+            description="merges a data segment with the next of its flow when both fit in 1400 bytes, "
+                        "keeping the first one's options only (LRO, a buffering proxy)"),
     Profile("tcp-proxy", Match("any"), TcpProxy(), "c2s",
             description="a TCP-terminating proxy: answers the client's connections itself as plain TCP "
                         "and opens its own plain TCP connections to the server"),

@@ -31,7 +31,7 @@ from conformance.verdict import Expect
 
 # Probes of the doctor a profile's action cannot do without (the others are plain xt modules).
 NEEDS = {"strip-option": ("iptables:TCPOPTSTRIP",), "rewrite-payload": ("nft",),
-         "rewrite-seq": ("iptables:NFQUEUE",), "resegment": ("iptables:NFQUEUE",)}
+         **{kind: ("iptables:NFQUEUE",) for kind in ("rewrite-seq", "resegment", "coalesce")}}
 # (tcp-proxy needs only the nat table's REDIRECT, which every iptables has.)
 _numbers = itertools.count(1)
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) ")
@@ -158,7 +158,8 @@ class RouterPart:
         if action.kind == "tcp-proxy":
             argv = ["conformance.middlebox.proxy", "--port", str(proxy_port(number))]
         else:
-            value = action.offset if action.kind == "rewrite-seq" else action.size
+            value = {"rewrite-seq": "offset", "resegment": "size", "coalesce": "limit"}[action.kind]
+            value = getattr(action, value)
             argv = ["conformance.middlebox.rewriter", "--queue", str(queue(number)), action.kind, str(value)]
         self.helper_stats = stats
         self.helper = Background([sys.executable, "-m", *argv, "--stats", str(stats)],

@@ -154,6 +154,19 @@ class Resegment:
 
 
 @dataclass(frozen=True)
+class Coalesce:
+    """A coalescing middlebox: a data segment waits a moment for the next of its flow and leaves
+    merged with it if both fit in `limit` payload bytes, keeping only the first one's TCP options
+    (NFQUEUE + scapy, middlebox/rewriter.py)."""
+
+    kind: ClassVar[str] = "coalesce"
+    limit: int = 1400
+
+    def __post_init__(self) -> None:
+        _int(self.limit, "action.limit", 2, 9000)
+
+
+@dataclass(frozen=True)
 class TcpProxy:
     """A TCP-terminating proxy: the client's connections are redirected to a process on the router
     that answers them as plain TCP and opens its own plain TCP connections to the server
@@ -162,10 +175,10 @@ class TcpProxy:
     kind: ClassVar[str] = "tcp-proxy"
 
 
-Action = StripOption | Drop | RewritePayload | ClampMss | Snat | RewriteSeq | Resegment | TcpProxy
+Action = StripOption | Drop | RewritePayload | ClampMss | Snat | RewriteSeq | Resegment | Coalesce | TcpProxy
 ACTIONS: dict[str, type] = {cls.kind: cls for cls in (StripOption, Drop, RewritePayload, ClampMss, Snat,
-                                                      RewriteSeq, Resegment, TcpProxy)}
-HELPED = ("rewrite-seq", "resegment", "tcp-proxy")  # actions a helper process on the router does
+                                                      RewriteSeq, Resegment, Coalesce, TcpProxy)}
+HELPED = ("rewrite-seq", "resegment", "coalesce", "tcp-proxy")  # actions a helper process on the router does
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -211,8 +224,8 @@ class Profile:
             raise ProfileError(f"match.segment {seg!r}: clamp-mss acts on SYNs (syn, synack or any)")
         if kind == "rewrite-seq" and (self.direction != "both" or seg != "any" or self.from_packet != 1):
             raise ProfileError("rewrite-seq shifts whole subflows: segment any, direction both, from_packet 1")
-        if kind == "resegment" and seg not in ("data", "any"):
-            raise ProfileError(f"match.segment {seg!r}: resegment splits data segments")
+        if kind in ("resegment", "coalesce") and seg not in ("data", "any"):
+            raise ProfileError(f"match.segment {seg!r}: {kind} acts on data segments")
         if kind == "tcp-proxy" and (self.direction != "c2s" or seg != "any" or self.match.mptcp
                                     or self.match.nth or self.from_packet != 1):
             raise ProfileError("tcp-proxy takes whole client connections: segment any, direction c2s, "

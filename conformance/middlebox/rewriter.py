@@ -5,6 +5,9 @@ resegmentation. It runs in the router's namespace and gets every queued segment 
     rewrite-seq <offset>   a firewall randomising ISNs: the client's sequence numbers go up by
                            `offset` (0: a random offset per subflow), the server's ACKs and SACK
                            blocks come down by the same; both directions must be queued.
+    coalesce <limit>       a coalescing middlebox: a data segment waits briefly for the next of
+                           its flow and leaves merged with it if both fit in `limit` bytes, with
+                           the first one's options only (verdicts given late; the second dropped).
     resegment <size>       a resegmenting middlebox: a data segment longer than `size` bytes
                            leaves as several of at most `size`, each with the original's options
                            (as segmentation offload copies them); the first goes on with the
@@ -26,10 +29,12 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 from conformance.net.delayline import (
     NF_ACCEPT,
+    NF_DROP,
     NFQA_CFG_CMD,
     NFQA_CFG_PARAMS,
     NFQA_CFG_QUEUE_MAXLEN,
@@ -58,9 +63,11 @@ class CopyQueue(NfQueue):
         self._request(queue, _attr(NFQA_CFG_PARAMS, struct.pack(">IB", 0xFFFF, NFQNL_COPY_PACKET))
                       + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack(">I", limit)))
 
-    def read(self) -> list[tuple[int, int, bytes]]:
-        """(queue, packet id, packet bytes) of every packet message waiting (blocks for the first)."""
-        select.select([self.sock], [], [])
+    def read(self, timeout: float | None = None) -> list[tuple[int, int, bytes]]:
+        """(queue, packet id, packet bytes) of every packet message waiting (waits for the first
+        up to `timeout` seconds; None: for ever)."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return []
         out = []
         while True:
             try:
@@ -90,8 +97,8 @@ class CopyQueue(NfQueue):
                         out.append((queue, pid, payload))
                 off += (length + 3) & ~3
 
-    def verdict(self, queue: int, packet_id: int, payload: bytes | None = None) -> None:
-        attrs = _attr(NFQA_VERDICT_HDR, struct.pack(">II", NF_ACCEPT, packet_id))
+    def verdict(self, queue: int, packet_id: int, payload: bytes | None = None, *, drop: bool = False) -> None:
+        attrs = _attr(NFQA_VERDICT_HDR, struct.pack(">II", NF_DROP if drop else NF_ACCEPT, packet_id))
         if payload is not None:
             attrs += _attr(NFQA_PAYLOAD, payload)
         while True:
@@ -170,6 +177,85 @@ class Rewriter:
         return out
 
 
+HOLD_S = 0.002  # how long a coalescer keeps a segment waiting for the next one
+
+
+class Coalescer:
+    """A coalescing middlebox (LRO, a proxy's buffering): a data segment waits up to HOLD_S for
+    the next one of its flow; if that continues it and both fit in `limit` bytes, they leave as
+    one segment with the first one's TCP options (the second's are lost, as such middleboxes lose
+    them) and the later ACK. Verdicts are (packet id, new bytes or None, drop)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[tuple, tuple[int, object, float]] = {}  # flow -> (packet id, packet, since)
+        self.stats = {"action": "coalesce", "value": limit, "seen": 0, "changed": 0, "added": 0, "flows": [],
+                      "options_lost": 0}
+
+    def arrive(self, pid: int, raw: bytes, now: float) -> list[tuple[int, bytes | None, bool]]:
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.inet6 import IPv6
+
+        self.stats["seen"] += 1
+        pkt = IP(raw) if raw[0] >> 4 == 4 else IPv6(raw)
+        if TCP not in pkt:
+            return [(pid, None, False)]
+        tcp = pkt[TCP]
+        key = (pkt.src, tcp.sport, pkt.dst, tcp.dport)
+        size = len(tcp.payload)
+        plain = size and not int(tcp.flags) & 0x07  # data, no SYN, FIN or RST
+        out = []
+        held = self.held.pop(key, None)
+        if held is not None:
+            hpid, hpkt, _ = held
+            htcp = hpkt[TCP]
+            follows = tcp.seq == (htcp.seq + len(htcp.payload)) & SEQ
+            if plain and follows and len(htcp.payload) + size <= self.limit:
+                if tcp.options != htcp.options:
+                    self.stats["options_lost"] += 1
+                merged = bytes(htcp.payload) + bytes(tcp.payload)
+                htcp.remove_payload()
+                htcp.add_payload(merged)
+                htcp.ack, htcp.flags = tcp.ack, int(htcp.flags) | (int(tcp.flags) & 0x08)
+                del htcp.chksum
+                if hasattr(hpkt, "len"):
+                    del hpkt.len
+                    del hpkt.chksum
+                else:
+                    del hpkt.plen
+                self.stats["changed"] += 1
+                return [(hpid, bytes(hpkt), False), (pid, None, True)]
+            out.append((hpid, None, False))
+        if plain and size < self.limit:
+            self.held[key] = (pid, pkt, now)
+        else:
+            out.append((pid, None, False))
+        return out
+
+    def due(self, now: float) -> list[tuple[int, bytes | None, bool]]:
+        """Segments that waited long enough: they go on unchanged."""
+        late = [k for k, (_, _, since) in self.held.items() if now - since >= HOLD_S]
+        return [(self.held.pop(k)[0], None, False) for k in late]
+
+
+def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
+    nfq = CopyQueue(rcvbuf=16 << 20)
+    nfq.bind_copy(queue)
+
+    def finish(*_) -> None:
+        stats.write_text(json.dumps(coalescer.stats, indent=2))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, finish)
+    print("ready", flush=True)
+    while True:
+        packets = nfq.read(HOLD_S / 2 if coalescer.held else None)
+        now = time.monotonic()
+        verdicts = [v for q, pid, raw in packets for v in coalescer.arrive(pid, raw, now)]
+        for pid, payload, drop in verdicts + coalescer.due(now):
+            nfq.verdict(queue, pid, payload, drop=drop)
+
+
 def serve(queue: int, rewriter: Rewriter, stats: Path) -> None:
     nfq = CopyQueue(rcvbuf=16 << 20)
     nfq.bind_copy(queue)
@@ -201,9 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conformance.middlebox.rewriter")
     ap.add_argument("--queue", type=int, required=True)
     ap.add_argument("--stats", type=Path, required=True)
-    ap.add_argument("action", choices=("rewrite-seq", "resegment"))
+    ap.add_argument("action", choices=("rewrite-seq", "resegment", "coalesce"))
     ap.add_argument("value", type=int)
     args = ap.parse_args(argv)
+    if args.action == "coalesce":
+        serve_coalescer(args.queue, Coalescer(args.value), args.stats)
+        return 0
     serve(args.queue, Rewriter(args.action, args.value), args.stats)
     return 0
 

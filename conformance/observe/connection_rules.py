@@ -179,6 +179,8 @@ def _close(conn: Connection) -> Iterable[Judgment]:
             if reset_by_me and any(on_rst and w.pcap == rst.pcap and w.frame == rst.frame
                                    for w, _, _, on_rst in conn.mp_fail_at):
                 continue  # the RST + MP_FAIL that §3.7 asks for on a checksum failure, not a close
+            if reset_by_me and sub.rst_reason not in (None, 0, 4):
+                continue  # MP_TCPRST names an error (§3.6): a broken subflow, not the way it closes
             if fin is not None and (rst is None or fin.time <= rst.time):
                 yield Judgment("R3.3.3-04", PASS, f"the {who} closes subflow {_ports(sub)} with a FIN", [fin])
                 if acked is not None:
