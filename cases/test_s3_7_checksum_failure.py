@@ -16,7 +16,7 @@ from scapy.utils import PcapReader
 from conformance.endpoints.linux import MptcpConfig
 from conformance.errors import CapabilityMissing
 from conformance.lab import MB
-from conformance.middlebox import Match, Middlebox, profile
+from conformance.middlebox import AlgRewrite, Match, Middlebox, profile
 from conformance.observe.segments import Segment
 from conformance.observe.wire import Handshake, describe, handshakes, initial_subflow
 
@@ -120,6 +120,52 @@ def test_checksum_failure_on_one_of_two_subflows_resets_it_with_mp_fail(lab):
     e.counter(run.counters, "s1", "MPFailTx", 1)
     # Whether c1 reads that MP_FAIL depends on its join still having a socket then (it may have
     # reset the join first): the counter oracle judges MPFailRx against the captures either way.
+    run.expect_intact(e)
+
+
+@pytest.mark.families("ipv4")
+@pytest.mark.rfc8684("R3.7-L01", "R3.7-09", "R3.7-08")
+def test_alg_shortening_data_on_a_join_resets_it_with_mp_fail(lab):
+    """Checksums negotiated, two subflows; on the second path an ALG rewrites a string in a client
+    data segment to a shorter one (4 bytes cut) and shifts the sequence numbers after it both
+    ways, so TCP goes on unaware. The mapping over the cut no longer checks out: the server must
+    reset the join with RST + MP_FAIL naming where that mapping starts, never Data-ACK its data,
+    and the client must send it again over the first subflow: both directions arrive intact."""
+    lab.two_subflows(checksum=True)
+    try:
+        box = lab.middlebox(profile("alg-shorten", action=AlgRewrite(cut=4, nth=EARLY_ON_JOIN)), router="r2")
+    except CapabilityMissing as exc:
+        pytest.skip(f"this machine cannot run the case: {exc}")
+    run = lab.transfer(up=MB, down=MB, wait_subflows=2)
+    e = lab.expect
+    box.expect_acted(e)
+    box.remove(lab.folder)
+    cuts = [f for r in box.helper_reports().values() for f in r.get("flows", [])]
+    e.that(len(cuts) == 1, "the ALG cut bytes from one client data segment on the join", expected="one cut",
+           seen=cuts or "none")
+    client_join = next(h for h in handshakes(run.segments("c1-eth1")) if h.syn.mptcp("MP_JOIN"))
+    cut_seq = (client_join.syn.seq + cuts[0]["cut_at"]) % 2**32 if cuts else None
+    seg = next((s for s in client_join.stream if s.src == client_join.syn.src and s.payload
+                and 0 <= (cut_seq - s.seq) % 2**32 < s.payload), None) if cuts else None
+    mapping = _mapping_of(client_join, seg) if seg else None
+    at_server = run.segments("s1-eth0")
+    join = next((h for h in handshakes(at_server) if h.syn.mptcp("MP_JOIN")), None)
+    if join is None:
+        pytest.fail("s1-eth0: no MP_JOIN handshake, the case needs two subflows")
+    server = join.syn.dst
+    fails = _mp_fails(join.stream, server)
+    rst = next((s for s, _ in fails if s.has("R")), None)
+    e.that(rst is not None, "the server resets the join subflow with RST + MP_FAIL", expected="RST with MP_FAIL",
+           seen=describe(fails[0][0]) if fails else "no MP_FAIL from the server", rid="R3.7-L01")
+    if rst is not None and mapping is not None:
+        dsn = next(d for s, d in fails if s is rst)
+        e.that(dsn == mapping[0], "the MP_FAIL names the DSN where the mapping over the cut starts",
+               expected=f"{mapping[0]:#x} (mapping of SSN {mapping[1]}, {mapping[2]} bytes)",
+               seen=f"{dsn:#x} in {describe(rst)}", rid="R3.7-L01")
+        _never_acked_before_resent(e, at_server, initial_subflow(at_server, "s1-eth0"), server, dsn, rst)
+        _resent_elsewhere(e, run.segments("c1-eth0"), dsn, rst)
+    run.expect_stays_mptcp(e, "the connection stays MPTCP on the first subflow")
+    e.counter(run.counters, "s1", "DataCsumErr", range(1, 100))
     run.expect_intact(e)
 
 

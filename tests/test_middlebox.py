@@ -51,7 +51,7 @@ def _data(**changes):
      "profile 'x': match.segment 'syns' not one of syn, synack, third-ack, data, pure-ack, any"),
     ({"action": {"kind": "strp_option"}},
      "profile 'x': action.kind 'strp_option' not one of strip-option, drop, rewrite-payload, clamp-mss, snat, "
-     "rewrite-seq, resegment, coalesce, tcp-proxy"),
+     "rewrite-seq, resegment, coalesce, alg, tcp-proxy"),
     ({"direction": "up"}, "profile 'x': direction 'up' not one of c2s, s2c, both"),
     ({"from_packet": 0}, "profile 'x': from_packet 0 not in 1..1000000"),
     ({"from_packet": "3"}, "profile 'x': from_packet '3' is not an integer"),
@@ -256,6 +256,35 @@ def test_resegment_splits_with_the_options_copied(v6):
     assert options and all(p[TCP].options == options for p in pieces)
     assert rw.handle(_seg(c, 40000, s, 80, "A", seq=1, payload=b"x" * 500, v6=v6)) is None  # small enough
     assert (rw.stats["changed"], rw.stats["added"]) == (1, 2)
+
+
+def test_alg_cuts_bytes_and_shifts_the_sequence_numbers_after_them_both_ways():
+    from conformance.middlebox.rewriter import Rewriter
+
+    c, s = "198.18.1.2", "198.19.0.2"
+    isn = 0xFFFFFF00  # the shift crosses the 2^32 wrap
+    data = bytes(range(100))
+    rw = Rewriter("alg", 4, nth=2, at=10)
+    assert rw.handle(_seg(c, 40000, s, 80, "S", seq=isn)) is None
+    first = 1 + isn
+    assert rw.handle(_seg(c, 40000, s, 80, "PA", seq=first & 0xFFFFFFFF, payload=data)) is None  # 1st: untouched
+    second = (first + 100) & 0xFFFFFFFF
+    cut = _valid(rw.handle(_seg(c, 40000, s, 80, "PA", seq=second, payload=data))[0])
+    assert bytes(cut[TCP].payload) == data[:10] + data[14:] and cut[TCP].seq == second
+    again = _valid(rw.handle(_seg(c, 40000, s, 80, "PA", seq=second, payload=data))[0])  # a retransmission
+    assert bytes(again[TCP].payload) == data[:10] + data[14:]
+    later = _valid(rw.handle(_seg(c, 40000, s, 80, "PA", seq=(second + 100) & 0xFFFFFFFF, payload=data))[0])
+    assert later[TCP].seq == (second + 96) & 0xFFFFFFFF and bytes(later[TCP].payload) == data
+    inside = _valid(rw.handle(_seg(c, 40000, s, 80, "PA", seq=(second + 12) & 0xFFFFFFFF, payload=data[:20]))[0])
+    assert inside[TCP].seq == (second + 10) & 0xFFFFFFFF and bytes(inside[TCP].payload) == data[2:20]
+    # The server acknowledges the shortened stream: its ACKs past the cut go back up by 4.
+    ack = _valid(rw.handle(_seg(s, 80, c, 40000, "A", seq=9, ack=(second + 196) & 0xFFFFFFFF,
+                                options=[("SAck", ((second + 5) & 0xFFFFFFFF, (second + 196) & 0xFFFFFFFF))]))[0])
+    assert ack[TCP].ack == (second + 200) & 0xFFFFFFFF
+    assert dict(ack[TCP].options)["SAck"] == ((second + 5) & 0xFFFFFFFF, (second + 200) & 0xFFFFFFFF)
+    early = rw.handle(_seg(s, 80, c, 40000, "A", seq=9, ack=(second + 10) & 0xFFFFFFFF))
+    assert _valid(early[0])[TCP].ack == (second + 10) & 0xFFFFFFFF  # up to the cut: unchanged
+    assert rw.stats["flows"] == [{"client": f"{c}:40000", "server": f"{s}:80", "cut_at": 111, "bytes": 4}]
 
 
 def test_coalesce_merges_what_follows_and_loses_the_second_options():

@@ -9,21 +9,27 @@
 profile.py holds the data (Profile, Match, the actions) and its validation, catalogue.py the
 built-in profiles, placement.py which router interfaces face the client and the server, bpf.py
 the payload-length programs, rules.py the iptables/nft state a profile becomes, engine.py the
-installation into a router's namespace, the counters and the removal."""
+installation into a router's namespace, the counters and the removal; rewriter.py (NFQUEUE) and
+proxy.py are the helper processes of the profiles no netfilter target can be."""
 
 from conformance.middlebox.catalogue import BUNDLES, PROFILES, profile
 from conformance.middlebox.engine import Effect, Middlebox, attach
 from conformance.middlebox.profile import (
     DIRECTIONS,
     SEGMENTS,
+    AlgRewrite,
     ClampMss,
+    Coalesce,
     Drop,
     Match,
     Profile,
     ProfileError,
+    Resegment,
     RewritePayload,
+    RewriteSeq,
     Snat,
     StripOption,
+    TcpProxy,
 )
 
 __all__ = [
@@ -31,16 +37,21 @@ __all__ = [
     "DIRECTIONS",
     "PROFILES",
     "SEGMENTS",
+    "AlgRewrite",
     "ClampMss",
+    "Coalesce",
     "Drop",
     "Effect",
     "Match",
     "Middlebox",
     "Profile",
     "ProfileError",
+    "Resegment",
     "RewritePayload",
+    "RewriteSeq",
     "Snat",
     "StripOption",
+    "TcpProxy",
     "attach",
     "profile",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from conformance.middlebox.profile import (
+    AlgRewrite,
     ClampMss,
     Coalesce,
     Drop,
@@ -52,6 +53,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("coalesce", Match("data"), Coalesce(1400), "c2s",
             description="merges a data segment with the next of its flow when both fit in 1400 bytes, "
                         "keeping the first one's options only (LRO, a buffering proxy)"),
+    Profile("alg-shorten", Match("any"), AlgRewrite(4), "both",
+            description="an ALG rewriting a string to a shorter one: 4 bytes cut from the client's 5th data "
+                        "segment, later sequence numbers shifted both ways (TCP goes on, mappings no longer fit)"),
     Profile("tcp-proxy", Match("any"), TcpProxy(), "c2s",
             description="a TCP-terminating proxy: answers the client's connections itself as plain TCP "
                         "and opens its own plain TCP connections to the server"),

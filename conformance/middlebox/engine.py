@@ -31,7 +31,7 @@ from conformance.verdict import Expect
 
 # Probes of the doctor a profile's action cannot do without (the others are plain xt modules).
 NEEDS = {"strip-option": ("iptables:TCPOPTSTRIP",), "rewrite-payload": ("nft",),
-         **{kind: ("iptables:NFQUEUE",) for kind in ("rewrite-seq", "resegment", "coalesce")}}
+         **{kind: ("iptables:NFQUEUE",) for kind in ("rewrite-seq", "resegment", "coalesce", "alg")}}
 # (tcp-proxy needs only the nat table's REDIRECT, which every iptables has.)
 _numbers = itertools.count(1)
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) ")
@@ -157,6 +157,9 @@ class RouterPart:
         action = profile.action
         if action.kind == "tcp-proxy":
             argv = ["conformance.middlebox.proxy", "--port", str(proxy_port(number))]
+        elif action.kind == "alg":
+            argv = ["conformance.middlebox.rewriter", "--queue", str(queue(number)), "alg", str(action.cut),
+                    "--nth", str(action.nth), "--at", str(action.at)]
         else:
             value = {"rewrite-seq": "offset", "resegment": "size", "coalesce": "limit"}[action.kind]
             value = getattr(action, value)

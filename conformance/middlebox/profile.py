@@ -154,6 +154,24 @@ class Resegment:
 
 
 @dataclass(frozen=True)
+class AlgRewrite:
+    """An ALG that rewrites a string to a shorter one: `cut` bytes taken out at byte `at` of the
+    client's `nth` data segment, and the sequence numbers after them shifted both ways so that
+    TCP goes on unaware (as conntrack's helpers do); MPTCP's mappings no longer fit the data
+    (NFQUEUE + scapy, middlebox/rewriter.py). Needs both directions."""
+
+    kind: ClassVar[str] = "alg"
+    cut: int = 4
+    nth: int = 5
+    at: int = 10
+
+    def __post_init__(self) -> None:
+        _int(self.cut, "action.cut", 1, 512)
+        _int(self.nth, "action.nth", 1, 100_000)
+        _int(self.at, "action.at", 0, 1400)
+
+
+@dataclass(frozen=True)
 class Coalesce:
     """A coalescing middlebox: a data segment waits a moment for the next of its flow and leaves
     merged with it if both fit in `limit` payload bytes, keeping only the first one's TCP options
@@ -175,10 +193,12 @@ class TcpProxy:
     kind: ClassVar[str] = "tcp-proxy"
 
 
-Action = StripOption | Drop | RewritePayload | ClampMss | Snat | RewriteSeq | Resegment | Coalesce | TcpProxy
+Action = (StripOption | Drop | RewritePayload | ClampMss | Snat | RewriteSeq | Resegment | Coalesce | AlgRewrite
+          | TcpProxy)
 ACTIONS: dict[str, type] = {cls.kind: cls for cls in (StripOption, Drop, RewritePayload, ClampMss, Snat,
-                                                      RewriteSeq, Resegment, Coalesce, TcpProxy)}
-HELPED = ("rewrite-seq", "resegment", "coalesce", "tcp-proxy")  # actions a helper process on the router does
+                                                      RewriteSeq, Resegment, Coalesce, AlgRewrite, TcpProxy)}
+# Actions a helper process on the router carries out.
+HELPED = ("rewrite-seq", "resegment", "coalesce", "alg", "tcp-proxy")
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -222,8 +242,8 @@ class Profile:
             raise ProfileError(f"match.segment {seg!r}: rewrite-payload needs data segments")
         if kind == "clamp-mss" and seg not in ("syn", "synack", "any"):
             raise ProfileError(f"match.segment {seg!r}: clamp-mss acts on SYNs (syn, synack or any)")
-        if kind == "rewrite-seq" and (self.direction != "both" or seg != "any" or self.from_packet != 1):
-            raise ProfileError("rewrite-seq shifts whole subflows: segment any, direction both, from_packet 1")
+        if kind in ("rewrite-seq", "alg") and (self.direction != "both" or seg != "any" or self.from_packet != 1):
+            raise ProfileError(f"{kind} shifts whole subflows: segment any, direction both, from_packet 1")
         if kind in ("resegment", "coalesce") and seg not in ("data", "any"):
             raise ProfileError(f"match.segment {seg!r}: {kind} acts on data segments")
         if kind == "tcp-proxy" and (self.direction != "c2s" or seg != "any" or self.match.mptcp

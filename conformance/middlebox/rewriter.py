@@ -5,6 +5,9 @@ resegmentation. It runs in the router's namespace and gets every queued segment 
     rewrite-seq <offset>   a firewall randomising ISNs: the client's sequence numbers go up by
                            `offset` (0: a random offset per subflow), the server's ACKs and SACK
                            blocks come down by the same; both directions must be queued.
+    alg <bytes>            an ALG rewriting a string to a shorter one: `bytes` bytes cut from
+                           byte --at of the client's --nth data segment, the sequence numbers
+                           after it shifted both ways so that TCP goes on (DSS left as it was).
     coalesce <limit>       a coalescing middlebox: a data segment waits briefly for the next of
                            its flow and leaves merged with it if both fit in `limit` bytes, with
                            the first one's options only (verdicts given late; the second dropped).
@@ -30,6 +33,7 @@ import socket
 import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conformance.net.delayline import (
@@ -109,11 +113,21 @@ class CopyQueue(NfQueue):
                 select.select([], [self.sock], [], 0.01)
 
 
+@dataclass
+class _Cut:
+    """An ALG's shortening of one client flow, in the client's sequence space relative to its SYN."""
+
+    isn: int
+    starts: set[int] = field(default_factory=set)  # data segments seen (relative starts)
+    point: int | None = None  # where `size` bytes were taken out
+
+
 class Rewriter:
-    def __init__(self, action: str, value: int, seed: int = 8684) -> None:
-        self.action, self.value = action, value
+    def __init__(self, action: str, value: int, seed: int = 8684, nth: int = 5, at: int = 10) -> None:
+        self.action, self.value, self.nth, self.at = action, value, nth, at
         self.rng = random.Random(seed)
         self.offsets: dict[tuple, int] = {}  # client->server 4-tuple -> offset
+        self.cuts: dict[tuple, _Cut] = {}  # client->server 4-tuple -> the ALG's change
         self.stats = {"action": action, "value": value, "seen": 0, "changed": 0, "added": 0, "flows": []}
 
     def handle(self, raw: bytes) -> list[bytes] | None:
@@ -126,7 +140,7 @@ class Rewriter:
         if TCP not in pkt:
             return None
         tcp = pkt[TCP]
-        out = self._seq(pkt, tcp) if self.action == "rewrite-seq" else self._split(pkt, tcp)
+        out = {"rewrite-seq": self._seq, "resegment": self._split, "alg": self._alg}[self.action](pkt, tcp)
         if out is not None:
             self.stats["changed"] += 1
             self.stats["added"] += len(out) - 1
@@ -152,6 +166,56 @@ class Rewriter:
         else:
             return None
         del tcp.chksum
+        return [bytes(pkt)]
+
+    def _alg(self, pkt, tcp) -> list[bytes] | None:
+        """An ALG that rewrites a string to a shorter one: `value` bytes go from byte `at` of the
+        client's `nth` data segment (and from its retransmissions); the client's later sequence
+        numbers come down by as much, the server's ACKs and SACK blocks go up (like conntrack's
+        helpers do). The DSS options are left as they were."""
+        key = (pkt.src, tcp.sport, pkt.dst, tcp.dport)
+        back = (pkt.dst, tcp.dport, pkt.src, tcp.sport)
+        flags, cut_len = int(tcp.flags), self.value
+        if flags & 0x02 and not flags & 0x10:
+            self.cuts.setdefault(key, _Cut(tcp.seq))
+            return None
+        if key in self.cuts:
+            cut = self.cuts[key]
+            data = bytes(tcp.payload)
+            a = (tcp.seq - cut.isn) & SEQ
+            b = a + len(data) + (1 if flags & 0x01 else 0)
+            if cut.point is None and data and a not in cut.starts:
+                cut.starts.add(a)
+                if len(cut.starts) == self.nth and len(data) >= self.at + cut_len:
+                    cut.point = a + self.at
+                    self.stats["flows"].append({"client": f"{pkt.src}:{tcp.sport}",
+                                                "server": f"{pkt.dst}:{tcp.dport}", "cut_at": cut.point,
+                                                "bytes": cut_len})
+            if cut.point is None or b <= cut.point:
+                return None
+            p, q = cut.point, cut.point + cut_len
+            keep = data[:max(0, p - a)] + data[max(0, q - a):]
+            tcp.remove_payload()
+            tcp.add_payload(keep)
+            tcp.seq = (cut.isn + (a if a <= p else max(p, a - cut_len))) & SEQ
+        elif back in self.cuts and self.cuts[back].point is not None:
+            cut = self.cuts[back]
+
+            def up(v: int) -> int:
+                rel = (v - cut.isn) & SEQ
+                return (v + cut_len) & SEQ if rel > cut.point else v
+
+            if flags & 0x10:
+                tcp.ack = up(tcp.ack)
+            tcp.options = [(n, tuple(up(x) for x in v)) if n == "SAck" else (n, v) for n, v in tcp.options]
+        else:
+            return None
+        del tcp.chksum
+        if hasattr(pkt, "len"):
+            del pkt.len
+            del pkt.chksum
+        else:
+            del pkt.plen
         return [bytes(pkt)]
 
     def _split(self, pkt, tcp) -> list[bytes] | None:
@@ -239,6 +303,7 @@ class Coalescer:
 
 
 def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
+    _warm_up()
     nfq = CopyQueue(rcvbuf=16 << 20)
     nfq.bind_copy(queue)
 
@@ -256,7 +321,15 @@ def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
             nfq.verdict(queue, pid, payload, drop=drop)
 
 
+def _warm_up() -> None:
+    """Import scapy's layers before saying ready: a first import takes about 0.4 s, which the
+    first queued segment would otherwise wait (long enough for a join to be given up)."""
+    from scapy.layers.inet import IP, TCP  # noqa: F401
+    from scapy.layers.inet6 import IPv6  # noqa: F401
+
+
 def serve(queue: int, rewriter: Rewriter, stats: Path) -> None:
+    _warm_up()
     nfq = CopyQueue(rcvbuf=16 << 20)
     nfq.bind_copy(queue)
     raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -287,13 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conformance.middlebox.rewriter")
     ap.add_argument("--queue", type=int, required=True)
     ap.add_argument("--stats", type=Path, required=True)
-    ap.add_argument("action", choices=("rewrite-seq", "resegment", "coalesce"))
+    ap.add_argument("action", choices=("rewrite-seq", "resegment", "coalesce", "alg"))
     ap.add_argument("value", type=int)
+    ap.add_argument("--nth", type=int, default=5, help="alg: the client's data segment it changes")
+    ap.add_argument("--at", type=int, default=10, help="alg: the byte of that segment it cuts from")
     args = ap.parse_args(argv)
     if args.action == "coalesce":
         serve_coalescer(args.queue, Coalescer(args.value), args.stats)
         return 0
-    serve(args.queue, Rewriter(args.action, args.value), args.stats)
+    serve(args.queue, Rewriter(args.action, args.value, nth=args.nth, at=args.at), args.stats)
     return 0
 
 

@@ -170,7 +170,7 @@ def _target(profile: Profile, number: int) -> list[str]:
         return [*flags, "-j", "TCPMSS", "--set-mss", str(action.mss)]
     if action.kind == "rewrite-payload":
         return ["-j", "MARK", "--set-xmark", f"{mark(number):#x}/0xffffffff"]
-    if action.kind in ("rewrite-seq", "resegment", "coalesce"):
+    if action.kind in ("rewrite-seq", "resegment", "coalesce", "alg"):
         # No --queue-bypass: with its helper gone the segments are dropped, never passed unchanged.
         return ["-j", "NFQUEUE", "--queue-num", str(queue(number))]
     raise ValueError(f"no iptables target for action {action.kind!r}")
