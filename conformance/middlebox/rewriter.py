@@ -113,6 +113,16 @@ class CopyQueue(NfQueue):
                 select.select([], [self.sock], [], 0.01)
 
 
+def _recompute(pkt, tcp) -> None:
+    """Have scapy work out the lengths and checksums of a changed packet again."""
+    del tcp.chksum
+    if hasattr(pkt, "len"):  # IPv4
+        del pkt.len
+        del pkt.chksum
+    else:
+        del pkt.plen
+
+
 @dataclass
 class _Cut:
     """An ALG's shortening of one client flow, in the client's sequence space relative to its SYN."""
@@ -210,12 +220,7 @@ class Rewriter:
             tcp.options = [(n, tuple(up(x) for x in v)) if n == "SAck" else (n, v) for n, v in tcp.options]
         else:
             return None
-        del tcp.chksum
-        if hasattr(pkt, "len"):
-            del pkt.len
-            del pkt.chksum
-        else:
-            del pkt.plen
+        _recompute(pkt, tcp)
         return [bytes(pkt)]
 
     def _split(self, pkt, tcp) -> list[bytes] | None:
@@ -231,12 +236,7 @@ class Rewriter:
             if start + self.value < len(data):
                 ptcp.flags = int(tcp.flags) & ~0x09  # FIN and PSH only on the last piece
             ptcp.add_payload(data[start:start + self.value])
-            del ptcp.chksum
-            if hasattr(piece, "len"):
-                del piece.len
-                del piece.chksum
-            else:
-                del piece.plen
+            _recompute(piece, ptcp)
             out.append(bytes(piece))
         return out
 
@@ -281,12 +281,7 @@ class Coalescer:
                 htcp.remove_payload()
                 htcp.add_payload(merged)
                 htcp.ack, htcp.flags = tcp.ack, int(htcp.flags) | (int(tcp.flags) & 0x08)
-                del htcp.chksum
-                if hasattr(hpkt, "len"):
-                    del hpkt.len
-                    del hpkt.chksum
-                else:
-                    del hpkt.plen
+                _recompute(hpkt, htcp)
                 self.stats["changed"] += 1
                 return [(hpid, bytes(hpkt), False), (pid, None, True)]
             out.append((hpid, None, False))
@@ -302,17 +297,27 @@ class Coalescer:
         return [(self.held.pop(k)[0], None, False) for k in late]
 
 
-def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
-    _warm_up()
+def _start(queue: int, stats: dict, path: Path) -> CopyQueue:
+    """Scapy imported, the queue bound, `stats` written to `path` on SIGTERM; then ready. (A first
+    scapy import takes about 0.4 s, which the first queued segment would otherwise wait: long
+    enough for a join to be given up.)"""
+    from scapy.layers.inet import IP, TCP  # noqa: F401
+    from scapy.layers.inet6 import IPv6  # noqa: F401
+
     nfq = CopyQueue(rcvbuf=16 << 20)
     nfq.bind_copy(queue)
 
     def finish(*_) -> None:
-        stats.write_text(json.dumps(coalescer.stats, indent=2))
+        path.write_text(json.dumps(stats, indent=2))
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, finish)
     print("ready", flush=True)
+    return nfq
+
+
+def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
+    nfq = _start(queue, coalescer.stats, stats)
     while True:
         packets = nfq.read(HOLD_S / 2 if coalescer.held else None)
         now = time.monotonic()
@@ -321,26 +326,10 @@ def serve_coalescer(queue: int, coalescer: Coalescer, stats: Path) -> None:
             nfq.verdict(queue, pid, payload, drop=drop)
 
 
-def _warm_up() -> None:
-    """Import scapy's layers before saying ready: a first import takes about 0.4 s, which the
-    first queued segment would otherwise wait (long enough for a join to be given up)."""
-    from scapy.layers.inet import IP, TCP  # noqa: F401
-    from scapy.layers.inet6 import IPv6  # noqa: F401
-
-
 def serve(queue: int, rewriter: Rewriter, stats: Path) -> None:
-    _warm_up()
-    nfq = CopyQueue(rcvbuf=16 << 20)
-    nfq.bind_copy(queue)
     raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-
-    def finish(*_) -> None:
-        stats.write_text(json.dumps(rewriter.stats, indent=2))
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, finish)
-    print("ready", flush=True)
+    nfq = _start(queue, rewriter.stats, stats)
     while True:
         for q, pid, raw in nfq.read():
             try:
