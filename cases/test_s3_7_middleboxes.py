@@ -312,7 +312,7 @@ def test_isn_rewriting_firewall_leaves_mappings_valid(lab):
     sequence numbers are relative to the ISN (§3.3); the connection stays MPTCP, data intact."""
     lab.two_subflows(checksum=True)
     box = _attach(lab, "rewrite-seq", router="r1")
-    run = lab.transfer(up=MB, down=MB // 2, wait_subflows=2)
+    run = lab.transfer(up=MB // 2, down=MB // 5, wait_subflows=2)
     e = lab.expect
     sent, seen = _first_subflow(run)
     shift = (seen.syn.seq - sent.syn.seq) & 0xFFFFFFFF

@@ -91,10 +91,10 @@ def _mid_transfer(lab: Lab, corpus: Corpus, scenario: Scenario, subflows: int) -
 
     def act(port: int) -> None:
         t0 = time.monotonic()
-        deadline = t0 + 10
+        deadline = t0 + 20
         while _established(lab, "c1") < subflows:
             if time.monotonic() > deadline:
-                raise HarnessError(f"{scenario.name}: fewer than {subflows} subflows after 10 s")
+                raise HarnessError(f"{scenario.name}: fewer than {subflows} subflows after 20 s")
             time.sleep(0.01)
         _ip_mptcp(lab, "s1", "change", "id", "1", "backup")
         corpus.actions.append(f"{scenario.name}: endpoint id 1 -> backup at +{time.monotonic() - t0:.2f}s")
@@ -123,6 +123,9 @@ def run_scenario(scenario: Scenario, folder: Path, corpus: Corpus) -> None:
         # An IPv6 ADD_ADDR with port and HMAC is 30 bytes: Linux sends it only when the 12 bytes of
         # timestamps leave room for it (40 bytes of option space), so the server goes without them.
         sysctls = {"net.ipv4.tcp_timestamps": "0"} if scenario.family == "ipv6" else {}
+        # An ADD_ADDR lost on a busy machine is sent again after add_addr_timeout (120 s by
+        # default): far too late for the joins the corpus waits for.
+        sysctls["net.mptcp.add_addr_timeout"] = "2"
         lab.configure("s1", MptcpConfig(checksum=scenario.checksum, subflows=4, sysctls=sysctls))
         lab.configure("c1", MptcpConfig(checksum=scenario.checksum, subflows=4, add_addr_accepted=4))
         # No endpoint yet and a silent server: the client's first data segment is the first packet
