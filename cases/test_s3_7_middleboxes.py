@@ -6,7 +6,7 @@ received (the capture after it). The middlebox's own counters prove it acted."""
 
 import pytest
 
-from conformance.errors import CapabilityMissing
+from conformance.errors import CapabilityMissing, HarnessError
 from conformance.lab import MB
 from conformance.middlebox import ClampMss, Middlebox, profile
 from conformance.observe.wire import describe, handshakes, initial_subflow, only_handshake
@@ -431,7 +431,7 @@ def test_coalescing_middlebox_keeps_the_data_intact(lab):
     lab.two_subflows(checksum=True)  # they do not help: the mapping that is kept checks out
     _attach(lab, profile("clamp-mss", action=ClampMss(600), direction="s2c"), router="r1")
     box = _attach(lab, "coalesce", router="r1")
-    run = lab.transfer(up=MB, down=MB // 5, wait_subflows=2)
+    run = lab.transfer(up=2 * MB, down=MB // 5, wait_subflows=2)
     e = lab.expect
     box.expect_acted(e, at_least=10)
     box.remove(lab.folder)
@@ -442,8 +442,9 @@ def test_coalescing_middlebox_keeps_the_data_intact(lab):
     _, seen = _first_subflow(run)
     client = seen.syn.src
     early, never = _unmapped(seen.stream, client, seen.syn.seq)
-    e.that(bool(early), "data reaches the server beyond or before every mapping seen so far on its subflow",
-           expected="unmapped arrivals", seen=f"{len(early)}, e.g. {describe(early[0]) if early else 'none'}")
+    if not early:
+        # Merges of segments that carried the same mapping lose nothing: the case did not happen.
+        raise HarnessError("no merge lost the start of a mapping this time: R3.3-L02 was not exercised")
     resets = [s for s in seen.stream if s.src != client and s.has("R")]
     if never:  # every carrier of a mapping merged away: that data can never be Data-ACKed (§3.7)
         e.that(bool(resets), "the server resets the subflow whose data lost every mapping", expected="RST",
