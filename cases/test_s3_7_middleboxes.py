@@ -321,9 +321,9 @@ def test_isn_rewriting_firewall_leaves_mappings_valid(lab):
     client = sent.syn.src
     before, after = _mappings(sent.stream, client), _mappings(seen.stream, seen.syn.src)
     common = sorted(set(before) & set(after))
-    e.that(len(common) >= 3 and len(common) == len(after), "every mapping the server receives on that subflow "
+    e.that(len(common) >= 2 and len(common) == len(after), "every mapping the server receives on that subflow "
            "carries the subflow sequence number the client wrote (relative, unchanged by the shift)",
-           expected="the same (DSN, SSN, length) on both sides, for 3 or more mappings",
+           expected="the same (DSN, SSN, length) on both sides, for 2 or more mappings",
            seen=f"{len(common)} of {len(after)} mappings also in the client's capture; "
                 f"first: {describe(after[common[0]][0]) if common else 'none'}", rid="R3.3-L01")
     moved = [(a, b) for m in common for a, b in zip(before[m], after[m], strict=False)

@@ -123,9 +123,6 @@ def run_scenario(scenario: Scenario, folder: Path, corpus: Corpus) -> None:
         # An IPv6 ADD_ADDR with port and HMAC is 30 bytes: Linux sends it only when the 12 bytes of
         # timestamps leave room for it (40 bytes of option space), so the server goes without them.
         sysctls = {"net.ipv4.tcp_timestamps": "0"} if scenario.family == "ipv6" else {}
-        # An ADD_ADDR lost on a busy machine is sent again after add_addr_timeout (120 s by
-        # default): far too late for the joins the corpus waits for.
-        sysctls["net.mptcp.add_addr_timeout"] = "2"
         lab.configure("s1", MptcpConfig(checksum=scenario.checksum, subflows=4, sysctls=sysctls))
         lab.configure("c1", MptcpConfig(checksum=scenario.checksum, subflows=4, add_addr_accepted=4))
         # No endpoint yet and a silent server: the client's first data segment is the first packet
