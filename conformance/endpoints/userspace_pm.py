@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -261,13 +261,10 @@ class Daemon:
             self.accepted[token] = self.accepted.get(token, 0) + 1
             remote = ev["daddr"]
             # Like the in-kernel PM: from the address the routing table picks towards it.
-            self._subflow(token, self.pm.source_for(remote), remote, ev.get("dport") or self._port(token))
+            self._subflow(token, self.pm.source_for(remote), remote, ev.get("dport") or self.ports.get(token, 0))
         elif ev["event"] == "closed":
             for table in (self.extra, self.accepted, self.ports):
                 table.pop(token, None)
-
-    def _port(self, token: int) -> int:
-        return self.ports.get(token, 0)
 
     def _subflow(self, token: int, local: str, remote: str, port: int, **kw) -> None:
         if self.extra.get(token, 0) >= self.policy.subflows:
@@ -291,10 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     Daemon(policy, args.log).run()
     return 0
-
-
-def policy_json(policy: Policy) -> str:
-    return json.dumps(asdict(policy))
 
 
 if __name__ == "__main__":
