@@ -277,8 +277,8 @@ class Lab:
         conns, judgments = check(pcaps, complete=True)
         stalled = [f"{role}: {r.get('receive_error') or r.get('send_error')}"
                    for role, r in (("client", run.client), ("server", run.server))
-                   if str(r.get("receive_error") or "").startswith("TimeoutError")
-                   or r.get("send_error") == "still sending at the deadline"]
+                   if str(r.get("receive_error") or "").startswith(("TimeoutError", "Stopped"))
+                   or str(r.get("send_error") or "").startswith("still sending")]
         endpoints = {n for n, i in self.topo.interfaces() if i in endpoint_intfs}
         broken = [f"{n} {c.removeprefix('MPTcpExt')} {run.counters[n][c]}" for n in sorted(endpoints)
                   for c in MAPPING_RESETS if run.counters.get(n, {}).get(c)]

@@ -3,6 +3,8 @@ stream first differs from what the peer sends, whatever the chunking."""
 
 from __future__ import annotations
 
+import json
+
 from conformance.endpoints.transfer import Expected, stream
 
 SIZE = 300_000
@@ -46,3 +48,33 @@ def test_a_stream_that_went_wrong_is_saved_whole_and_a_right_one_never(tmp_path)
     right = Expected("client", SIZE, keep=SIZE)
     right.compare(original)
     assert _save(tmp_path / "right.bin", right) is None and not (tmp_path / "right.bin").exists()
+
+
+_STOPPED_SCRIPT = r"""
+import json, signal, socket, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+srv = subprocess.Popen([sys.executable, "-m", "conformance.endpoints.transfer", "server", "--addr", "127.0.0.1",
+                        "--port", "5201", "--expect", "3000", "--report", sys.argv[1], "--timeout", "30"],
+                       stdout=subprocess.PIPE, text=True)
+assert srv.stdout.readline().strip() == "listening"
+c = socket.create_connection(("127.0.0.1", 5201))
+c.sendall(b"x" * 1000)
+time.sleep(0.5)
+srv.send_signal(signal.SIGTERM)
+print(srv.wait(10))
+"""
+
+
+def test_an_endpoint_stopped_by_the_harness_still_reports_what_it_got(tmp_path) -> None:
+    """A listener whose connection died without a close keeps waiting: the harness stops it, and
+    its report must still say how much reached the application."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "server.json"
+    # A network namespace of its own: the connection never touches the host's loopback.
+    out = subprocess.run(["unshare", "--net", sys.executable, "-c", _STOPPED_SCRIPT, str(report)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "1", out.stderr
+    got = json.loads(report.read_text())
+    assert got["bytes_received"] == 1000 and got["receive_error"].startswith("Stopped") and got["ok"] is False

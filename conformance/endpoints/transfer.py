@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import random
+import signal
 import socket
 import struct
 import sys
@@ -170,6 +171,20 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+class Stopped(Exception):
+    """The harness ended this endpoint (SIGTERM) before its exchange was over."""
+
+
+def _stop_on_sigterm() -> None:
+    # The harness stops an endpoint whose connection it has seen die (e.g. a listener whose only
+    # subflow was reset keeps waiting for more): the report of what got through must still be
+    # written, so the first SIGTERM ends the exchange, not the process.
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped("stopped by the harness (SIGTERM)")
+    signal.signal(signal.SIGTERM, handler)
+
+
 def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflows: int,
              wait_timeout: float, abort_after: int | None = None, send_delay: float = 0.0,
              deadline: float | None = None, save_mismatch: Path | None = None) -> dict:
@@ -218,26 +233,31 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     expected = Expected(peer_role, expect, keep=expect if save_mismatch else 0)
     peak_info = None
     receive_error = None
-    while True:
-        if deadline is not None:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            chunk = sock.recv(1 << 16)
-        except TimeoutError as exc:
-            receive_error = f"{type(exc).__name__}: {exc}"
-            break
-        if not chunk:
-            break
-        received += len(chunk)
-        h.update(chunk)
-        expected.compare(chunk)
-        if peak_info is None and received >= expect // 2:
-            peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
-        if abort_after is not None and received >= abort_after:
-            return _aborted(sock, report, received, h.hexdigest(), peer_role, expect, t0)
-    thread.join(120 if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0)
+    try:
+        while True:
+            if deadline is not None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError as exc:
+                receive_error = f"{type(exc).__name__}: {exc}"
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+            h.update(chunk)
+            expected.compare(chunk)
+            if peak_info is None and received >= expect // 2:
+                peak_info = mptcp_info(sock)  # mid-transfer view: subflows in use while data flows
+            if abort_after is not None and received >= abort_after:
+                return _aborted(sock, report, received, h.hexdigest(), peer_role, expect, t0)
+        thread.join(120 if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0)
+        stopped = False
+    except Stopped as exc:
+        receive_error = receive_error or f"{type(exc).__name__}: {exc}"
+        stopped = True
     if thread.is_alive() and not send_error:
-        send_error.append("still sending at the deadline")
+        send_error.append("still sending when stopped" if stopped else "still sending at the deadline")
     report.update({
         "bytes_sent": send if not send_error and not thread.is_alive() else None,
         "send_error": send_error[0] if send_error else None,
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="wait this long before sending anything (data or DATA_FIN)")
     args = ap.parse_args(argv)
 
+    _stop_on_sigterm()
     proto = 0 if args.tcp else IPPROTO_MPTCP
     family = _family(args.addr)
     report: dict
@@ -332,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         if lsock is not None:
             lsock.close()
-    except OSError as exc:
+    except (OSError, Stopped) as exc:
         report = {"role": args.role, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a report is written whole or not at all
     with open(args.report, "w") as f:
         json.dump(report, f, indent=2)
     return 0 if report.get("ok") else 1
