@@ -10,7 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-DEBS=(mininet iproute2 iptables nftables tcpdump tshark ethtool procps iputils-ping python3 python3-venv chromium)
+DEBS=(mininet iproute2 iptables nftables tcpdump tshark ethtool procps iputils-ping python3 python3-venv chromium
+      qemu-system-x86 busybox-static cpio gcc libc6-dev zstd)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

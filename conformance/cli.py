@@ -210,6 +210,32 @@ def _check_pcap(args: argparse.Namespace) -> int:
     return EXIT_FAIL if required_failed or theirs else EXIT_OK
 
 
+def _guest(args: argparse.Namespace) -> int:
+    import json
+
+    from conformance.endpoints.guest import kernels
+    from conformance.endpoints.guest.vm import Guest, oopses
+    from conformance.errors import HarnessError
+
+    try:
+        kernel = kernels.fetch(args.version)
+        with Guest(kernel, "cli", accel=None if args.accel == "auto" else args.accel) as guest:
+            info = {"version": args.version, "package": f"{kernel.package} {kernel.package_version}",
+                    "deb_sha256": kernel.sha256, "release": guest.uname(), "accelerator": guest.accel,
+                    "boot_to_ready_s": round(guest.boot_seconds or 0, 3),
+                    "mptcp_sysctls": sorted(guest.sh("ls /proc/sys/net/mptcp").split()),
+                    "console_warnings": len(oopses(guest.console_text()))}
+    except (HarnessError, ValueError) as exc:
+        print(f"mptcp-conformance guest {args.version}: {exc}", file=sys.stderr)
+        return EXIT_ENV
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {' '.join(value) if isinstance(value, list) else value}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(prog="mptcp-conformance", description="RFC 8684 (MPTCP) conformance suite")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -245,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="also compare the verdicts with tshark's MPTCP analysis; a disagreement exits 1")
     chk.add_argument("--complete", action="store_true",
                      help="the captures show every subflow (all paths): judge Data ACKs against all data seen")
+    gst = sub.add_parser("guest", help="fetch a Debian kernel, boot it as a guest endpoint, report how it booted")
+    gst.add_argument("version", help="Debian kernel version (6.1, 6.12, 6.1.0-52): linux-<version>-kvm")
+    gst.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                     help="accelerator (default: KVM where it boots the kernel, else TCG; detected once)")
+    gst.add_argument("--json", action="store_true", help="machine-readable output")
     rep = sub.add_parser("report", help="render report.md, report.html and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
@@ -265,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             return _matrix(args)
         if args.command == "check-pcap":
             return _check_pcap(args)
+        if args.command == "guest":
+            return _guest(args)
         return _report(args)
     finally:
         from conformance.net.names import release_run

@@ -494,6 +494,34 @@ def probe_device(path: str) -> Probe:
     return _attempt(name, needed, body)
 
 
+def probe_guest_accelerator() -> Probe:
+    """Whether other kernels can be booted as guests here, and how: KVM where it boots Debian's
+    kernels, else TCG software emulation. Detection boots a guest once per kernel (the result
+    is kept in the cache); before any kernel is fetched only the prerequisites are checked."""
+    name, needed = "guest:accelerator", "other kernels as endpoints (linux-<version>-kvm implementations)"
+
+    def body() -> Probe:
+        from conformance.endpoints.guest import kernels, vm
+
+        missing = [tool for tool in (vm.QEMU, "busybox", "gcc", "cpio") if shutil.which(tool) is None]
+        if missing:
+            return Probe(name, False, "", f"{', '.join(missing)} not installed: no guest kernel can be booted "
+                         "(ci/setup.sh installs qemu-system-x86, busybox-static, gcc, cpio)", needed)
+        fetched = kernels.cached()
+        if not fetched:
+            kvm = "usable /dev/kvm, boot not yet tried" if vm.kvm_usable() else "no usable /dev/kvm"
+            return Probe(name, True, f"qemu present; {kvm}; TCG available; no guest kernel fetched yet", "",
+                         needed)
+        parts = []
+        for kernel in fetched:
+            accel = vm.accelerator(kernel)
+            why = (vm.accelerator_known(kernel.release) or {}).get("why", "")
+            parts.append(f"{kernel.release}: {accel.upper()}" + (f" ({why})" if accel == "tcg" else ""))
+        return Probe(name, True, "; ".join(parts), "", needed)
+
+    return _attempt(name, needed, body)
+
+
 # --- running, caching, requiring --------------------------------------------------------------
 
 # Order is the order of the report: the basics first, optional extras last.
@@ -516,6 +544,7 @@ _PROBES: list[tuple[str, Callable[[], Probe | list[Probe]]]] = [
     ("ethtool", lambda: probe_tool("ethtool", ["--version"])),
     ("dev:net/tun", lambda: probe_device("/dev/net/tun")),
     ("dev:kvm", lambda: probe_device("/dev/kvm")),
+    ("guest:accelerator", probe_guest_accelerator),
 ]
 
 

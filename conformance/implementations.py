@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +48,7 @@ class Implementation:
     needs_setup: bool = False  # hosts the case leaves unconfigured still need apply(MptcpConfig())
     # Whose known deviations (deviations.yaml) it shares: the same kernel's, for another PM.
     shares_deviations_of: str | None = None
+    guest: str | None = None  # kind vm: the Debian kernel version the guest boots
 
     @property
     def deviation_keys(self) -> tuple[str, ...]:
@@ -81,6 +83,26 @@ def _userspace(lab: Lab, node: str, cfg: linux.MptcpConfig) -> None:
     lab.daemons[node] = daemon
 
 
+def _in_guest(lab: Lab, node: str, cfg: linux.MptcpConfig) -> None:
+    from conformance.endpoints.guest import endpoint
+
+    try:
+        endpoint.configure(lab.seats[node], cfg)
+    except endpoint.Unsupported as exc:
+        raise ImplementationUnsupported(f"{lab.implementation(node).name} on {node}: {exc}") from None
+
+
+# Any installable Debian kernel, by version: linux-6.1-kvm, linux-6.12-kvm, linux-6.1.0-52-kvm.
+_GUEST_NAME = re.compile(r"linux-(\d+\.\d+[0-9a-z.+~-]*?)-kvm")
+
+
+def _guest(name: str, version: str) -> Implementation:
+    # Another generation of the same implementation: Linux's known deviations are its own too
+    # unless measured otherwise (a check it passes is a pass); what differs is listed under its name.
+    return Implementation(name, "vm", f"Debian's Linux {version} kernel in a QEMU guest, in-kernel path manager",
+                          "in-kernel", _in_guest, guest=version, shares_deviations_of="linux")
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "linux": Implementation("linux", "kernel", "the local kernel, in-kernel path manager", "in-kernel",
                             _in_kernel),
@@ -92,18 +114,24 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 
 
 def get(name: str) -> Implementation:
-    try:
+    if name in IMPLEMENTATIONS:
         return IMPLEMENTATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown implementation {name!r} (known: {', '.join(IMPLEMENTATIONS)})") from None
+    m = _GUEST_NAME.fullmatch(name)
+    if m:
+        return _guest(name, m.group(1))
+    raise ValueError(f"unknown implementation {name!r} (known: {', '.join(IMPLEMENTATIONS)}, "
+                     "and linux-<Debian kernel version>-kvm, e.g. linux-6.1-kvm)")
 
 
 def describe(name: str) -> dict:
     """{"kind", "version", "configuration"} of implementation `name`; an unknown name is described
     as such rather than guessed at."""
-    impl = IMPLEMENTATIONS.get(name)
-    if impl is None:
+    try:
+        impl = get(name)
+    except ValueError:
         return {"kind": "unknown", "version": None, "configuration": {}}
+    if impl.guest is not None:
+        return _describe_guest(impl)
     config = {}
     for key in _SYSCTLS:  # a fresh namespace's defaults are the root namespace's at boot
         path = Path("/proc/sys/net/mptcp") / key
@@ -118,3 +146,19 @@ def describe(name: str) -> dict:
         config["path_manager_daemon"] = "conformance.endpoints.userspace_pm"
     config["note"] = "cases change these per namespace where they test them (MptcpConfig)"
     return {"kind": impl.kind, "version": platform.release(), "summary": impl.summary, "configuration": config}
+
+
+def _describe_guest(impl: Implementation) -> dict:
+    """A guest kernel as booted this session (or, if none was, as the cache holds it)."""
+    from conformance.endpoints.guest import endpoint, kernels, vm
+
+    guest = endpoint.booted().get(impl.guest)
+    kernel = guest.kernel if guest else next((k for k in kernels.cached() if k.version == impl.guest), None)
+    if kernel is None:
+        return {"kind": "vm", "version": None, "summary": impl.summary, "configuration": {}}
+    known = vm.accelerator_known(kernel.release) or {}
+    config = {"package": f"{kernel.package} {kernel.package_version}", "deb_sha256": kernel.sha256,
+              "accelerator": guest.accel if guest else known.get("accelerator"),
+              "boot_to_ready_s": round(guest.boot_seconds, 2) if guest and guest.boot_seconds else None,
+              "path_manager": "in-kernel"}
+    return {"kind": "vm", "version": kernel.release, "summary": impl.summary, "configuration": config}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conformance.endpoints.counters import delta, read_counters
+from conformance.endpoints.guest import endpoint as guests
+from conformance.endpoints.guest.seat import Seat, take_place
 from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint, show_endpoints
 from conformance.errors import HarnessError
 from conformance.implementations import DEFAULT, Implementation
@@ -101,7 +103,7 @@ class Recording:
 
     pcaps: dict[str, Path] = field(default_factory=dict)
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
-    counter_names: set[str] = field(default_factory=set)
+    counter_names: dict[str, set[str]] = field(default_factory=dict)  # node -> the counters its kernel has
 
 
 class Lab:
@@ -119,6 +121,35 @@ class Lab:
         self.daemons: dict[str, Background] = {}  # per host, an implementation's helper process
         self._configured: set[str] = set()
         self.attached: list[str] = []  # the middleboxes the case attached, for its results
+        # Hosts whose place a guest kernel takes (implementations of kind vm).
+        self.seats: dict[str, Seat] = {}
+        for node in (topo.client, topo.server):
+            impl = self.implementation(node)
+            if impl.guest is not None:
+                self._seat_guest(node, impl.guest)
+        for router, (version, shape) in topo.guest_routers.items():
+            seat = self._seat_guest(router, version, type(self.net[router]).sysctls)
+            try:
+                guests.emulate_path(seat, shape)
+            except guests.Unsupported as exc:
+                raise HarnessError(f"guest router {router}: {exc}") from None
+
+    def _seat_guest(self, node: str, version: str, sysctls: dict[str, str] | None = None) -> Seat:
+        intfs = sorted((i for _, i in self.topo.interfaces(node)), key=lambda i: int(i.rsplit("eth", 1)[1]))
+        seat = take_place(guests.acquire(version, node), node, self.net.netns(node), intfs, self.cleanup,
+                          sysctls)
+        self.seats[node] = seat
+        self.cleanup.defer(f"keep {node}'s guest console", seat.save, self.folder)
+        return seat
+
+    def finish(self) -> None:
+        """After the case: a guest kernel that printed an Oops, BUG or WARN fails it, whatever the
+        case was about (the console is in the artefact folder)."""
+        for node, seat in self.seats.items():
+            broke = seat.broke()
+            self.expect.that(not broke, f"the guest kernel on {node} ({seat.guest.kernel.release}) printed no "
+                             "Oops, BUG or WARNING", expected="a quiet console",
+                             seen="; ".join(broke[:3]) or "nothing")
 
     # -- addressing ---------------------------------------------------------------------------
     def addresses(self, node: str) -> list[str]:
@@ -159,6 +190,8 @@ class Lab:
 
     def established(self, node: str, port: int) -> int:
         """How many of `node`'s TCP sockets (MPTCP subflows included) to or from `port` are up."""
+        if node in self.seats:
+            return guests.established(self.seats[node], port)
         out = run(["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
                   netns=self.net.netns(node), check=False).stdout
         return sum(1 for line in out.splitlines() if line.strip())
@@ -227,7 +260,7 @@ class Lab:
             if node not in self._configured and self.implementation(node).needs_setup:
                 self.configure(node, MptcpConfig())
             (folder / f"{node}-endpoints.json").write_text(
-                json.dumps(show_endpoints(self.net[node]), indent=2, default=str))
+                json.dumps(self._endpoints(node), indent=2, default=str))
         with self.record(folder, snaplen=snaplen) as (rec, local):
             srv = self.start_endpoint(server, "server", self.listen_address(), port, down, up, mptcp_server,
                                       wait_subflows, folder, local, timeout, send_delay=server_send_delay)
@@ -267,7 +300,7 @@ class Lab:
         """Play `steps` from a scripted MPTCP peer against a kernel listener (conformance.inject.run)."""
         return run_script(self, steps, **kwargs)
 
-    def _passive(self, run: TransferRun, endpoint_intfs: set[str], counter_names: set[str]) -> None:
+    def _passive(self, run: TransferRun, endpoint_intfs: set[str], counter_names: dict[str, set[str]]) -> None:
         """The passive rules on every capture of the transfer: a rule that fails fails the case,
         whatever the case was about; every judged requirement goes into the results."""
         # Endpoint captures first: each subflow is read from the first capture that shows its SYN.
@@ -302,7 +335,7 @@ class Lab:
         self._oracles(run, pcaps, conns, judgments, counter_names, endpoints)
 
     def _oracles(self, run: TransferRun, pcaps: list[Path], conns: list, judgments: list,
-                 counter_names: set[str], endpoints: set[str]) -> None:
+                 counter_names: dict[str, set[str]], endpoints: set[str]) -> None:
         """The passive verdicts against two independent views: tshark's MPTCP analysis of the same
         captures and the kernel's own MIB counters on each endpoint. A disagreement fails the case
         as an oracle disagreement; nobody's verdict is taken on trust."""
@@ -334,6 +367,16 @@ class Lab:
                              seen=shown or f"{agreement.options} options and {agreement.fields} fields agree",
                              oracle=True)
 
+    def _counters(self, node: str) -> dict[str, int]:
+        if node in self.seats:
+            return guests.read_counters(self.seats[node])
+        return read_counters(self.net[node].pid)
+
+    def _endpoints(self, node: str) -> list[dict]:
+        if node in self.seats:
+            return guests.show_endpoints(self.seats[node])
+        return show_endpoints(self.net[node])
+
     def next_port(self) -> int:
         """A listening port no earlier run of this lab used (its captures stay apart)."""
         return next(self._ports)
@@ -343,7 +386,7 @@ class Lab:
         """tcpdump on every interface and every node's MIB counters around the block. Processes the
         block starts go on the Cleanup it is given, which is undone (and the captures closed) when
         the block ends; then the counter deltas are read and written to counters.json."""
-        before = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        before = {n.name: self._counters(n.name) for n in self.net.nodes()}
         rec = Recording()
         local = Cleanup()
         try:
@@ -353,10 +396,11 @@ class Lab:
             yield rec, local
         finally:
             local.run()
-        after = {n.name: read_counters(n.pid) for n in self.net.nodes()}
+        after = {n.name: self._counters(n.name) for n in self.net.nodes()}
         rec.counters = {n: delta(before[n], after[n]) for n in before}
         # What the kernel counts: the counter oracle compares only counters this kernel has.
-        rec.counter_names = {name for values in after.values() for name in values}
+        rec.counter_names = {node: set(values) for node, values in after.items()}
+        self.expect.counter_names.update(rec.counter_names)
         (folder / "counters.json").write_text(json.dumps(rec.counters, indent=2, sort_keys=True))
 
     def start_endpoint(self, node, role, addr, port, send, expect, mptcp, wait_subflows, folder, cleanup,
@@ -371,8 +415,12 @@ class Lab:
             argv += ["--abort-after", str(abort_after)]
         if send_delay:
             argv += ["--send-delay", str(send_delay)]
-        proc = Background(argv, netns=self.net.netns(node), stdout=folder / f"{role}.out",
-                          stderr=folder / f"{role}.err")
+        proc: Background | guests.GuestProcess
+        if node in self.seats:
+            proc = guests.start_transfer(self.seats[node], f"{role}-{port}", argv[len(TRANSFER):], folder, role)
+        else:
+            proc = Background(argv, netns=self.net.netns(node), stdout=folder / f"{role}.out",
+                              stderr=folder / f"{role}.err")
         cleanup.defer(f"stop {role} on {node}", proc.stop)
         if role == "server":
             proc.wait_for_output("listening", f"server on {node}")
@@ -384,6 +432,12 @@ class Lab:
         while client_proc.running() and time.monotonic() < deadline and not self.established(nodes[0], port):
             time.sleep(0.01)
         for node in nodes:
+            if node in self.seats:
+                guest = self.seats[node].guest
+                (folder / f"ss-{node}.txt").write_text(guest.sh(
+                    "/usr/sbin/ip mptcp limits show; /usr/sbin/ip mptcp endpoint show; cat /proc/net/tcp "
+                    "/proc/net/tcp6", check=False))
+                continue
             ns = self.net.netns(node)
             text = []
             for argv in (["ss", "-tniH", f"( sport = :{port} or dport = :{port} )"], ["ss", "-Mni"]):

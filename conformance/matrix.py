@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from conformance.errors import InputError
-from conformance.implementations import IMPLEMENTATIONS
+from conformance.implementations import get as get_implementation
 from conformance.net.topo import FAMILIES
 from conformance.report.model import RunResults
 
@@ -102,8 +102,10 @@ def load_matrix(path: Path = DEFAULT_PATH) -> Matrix:
     implementations = {}
     for name, spec in impls.items():
         where = f"{path}: implementations.{name}"
-        if name not in IMPLEMENTATIONS:
-            raise InputError(f"{where}: not an implementation this suite drives ({', '.join(IMPLEMENTATIONS)})")
+        try:
+            get_implementation(name)
+        except ValueError as exc:
+            raise InputError(f"{where}: {exc}") from None
         roles = (spec or {}).get("roles", list(ROLES)) if isinstance(spec, dict) or spec is None else None
         if not isinstance(roles, list) or not roles or any(r not in ROLES for r in roles):
             raise InputError(f"{where}.roles: expected a list of {' and '.join(ROLES)}")

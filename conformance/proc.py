@@ -50,19 +50,26 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(here)
 
 
-def _preexec(netns: str | None):
-    if netns is None:
+PR_SET_PDEATHSIG = 1
+
+
+def _preexec(netns: str | None, die_with_parent: bool = False):
+    if netns is None and not die_with_parent:
         return None
-    path = netns_path(netns)
-    if not os.path.exists(path):
+    path = netns_path(netns) if netns is not None else None
+    if path is not None and not os.path.exists(path):
         raise HarnessError(f"network namespace {netns} does not exist")
 
     def enter() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        _setns_fd(fd)
-        os.close(fd)
+        if path is not None:
+            fd = os.open(path, os.O_RDONLY)
+            _setns_fd(fd)
+            os.close(fd)
         # A process group of its own: we stop it by PID group, never by name.
         os.setpgid(0, 0)
+        if die_with_parent:
+            # Killed with the run even when the run is killed with SIGKILL and cleans up nothing.
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return enter
 
@@ -86,14 +93,14 @@ class Background:
     """A long-running process, stopped by its own PID (process group), never by name."""
 
     def __init__(self, argv: list[str], *, netns: str | None = None, stdout: Path | None = None,
-                 stderr: Path | None = None, env: dict[str, str] | None = None):
+                 stderr: Path | None = None, env: dict[str, str] | None = None, die_with_parent: bool = False):
         self.argv, self.netns = argv, netns
         self.stdout_path, self.stderr_path = stdout, stderr
         out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115 - kept open for the child's life
         err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_preexec(netns), env=env)
+                                         preexec_fn=_preexec(netns, die_with_parent), env=env)
         finally:
             for f in (out, err):
                 if f is not subprocess.DEVNULL:

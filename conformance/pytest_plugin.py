@@ -86,6 +86,9 @@ def _terminate(signum, frame):
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from conformance.endpoints.guest.endpoint import shutdown
+
+    shutdown()  # the session's guests, before their namespaces' owner record goes
     release_run()
 
 
@@ -156,6 +159,10 @@ def lab(request: pytest.FixtureRequest, family: str):
     try:
         roles = {"client": request.config.getoption("mptcp_client"),
                  "server": request.config.getoption("mptcp_server")}
+        from conformance.implementations import get as implementation
+
+        if any(implementation(n).guest for n in roles.values()) or "guest_router" in params:
+            _require("guest:accelerator")  # qemu, busybox, gcc: or the doctor's reason to skip
         the_lab = Lab(make_topology(name, family=family, **params), folder, cleanup, family=family,
                       implementations=roles)
         yield the_lab
@@ -175,6 +182,7 @@ def pytest_runtest_call(item: pytest.Item):
         pytest.skip(f"unsupported: {exc}")
     the_lab = getattr(item, "funcargs", {}).get("lab")
     if the_lab is not None:
+        the_lab.finish()
         the_lab.expect.verdict(tuple(rid for m in item.iter_markers("rfc8684") for rid in m.args))
     return result
 

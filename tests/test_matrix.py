@@ -22,10 +22,11 @@ from conformance.report.model import OUTCOMES, CaseResult, RunResults
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_shipped_matrix_declares_both_kernel_path_managers_in_both_roles() -> None:
+def test_the_shipped_matrix_declares_the_path_managers_and_guest_kernels_in_both_roles() -> None:
     m = load_matrix()
-    assert m.players("client") == m.players("server") == ["linux", "linux-userspace-pm"]
-    assert len(m.pairs(None, None)) == 4
+    players = ["linux", "linux-userspace-pm", "linux-6.1-kvm", "linux-6.12-kvm"]
+    assert m.players("client") == m.players("server") == players
+    assert len(m.pairs(None, None)) == 16
     assert m.pairs("linux", "linux-userspace-pm") == [("linux", "linux-userspace-pm")]
     assert [s.name for s in m.select("join,add-*")] == ["join", "add-addr"]
     for scenario in m.scenarios.values():
@@ -37,7 +38,7 @@ BAD = [
     ("schema: 1\nimplementations: {linux: {roles: [client]}\n", r"matrix.yaml:\d+:\d+: not valid YAML"),
     ("schema: 2\n", r"schema: 2, this tool reads 1"),
     ("schema: 1\nimplementations: {bsd: {}}\nscenarios: {a: {cases: [test_s3_2_mp_join.py]}}\n",
-     r"implementations.bsd: not an implementation this suite drives"),
+     r"implementations.bsd: unknown implementation 'bsd'"),
     ("schema: 1\nimplementations: {linux: {roles: [middle]}}\nscenarios: {a: {cases: [test_s3_2_mp_join.py]}}\n",
      r"implementations.linux.roles: expected a list of client and server"),
     ("schema: 1\nimplementations: {linux: }\nscenarios: {a: {cases: [test_s3_2_mp_join.py, nope.py]}}\n",

@@ -119,7 +119,13 @@ def mptcp_info(sock: socket.socket) -> dict | None:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
             return None
         raise
-    info = dict(zip(_INFO_FIELDS, struct.unpack(_INFO_FMT, raw.ljust(size, b"\0")), strict=True))
+    return decode_info(raw)
+
+
+def decode_info(raw: bytes) -> dict:
+    """struct mptcp_info as a dict; an older kernel's shorter struct reads its missing fields as 0."""
+    size = struct.calcsize(_INFO_FMT)
+    info = dict(zip(_INFO_FIELDS, struct.unpack(_INFO_FMT, raw[:size].ljust(size, b"\0")), strict=True))
     info["token"] = f"{info['token']:08x}"
     return info
 
@@ -226,7 +232,12 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             send_error.append(str(exc))
+        finally:
+            finished.set()
 
+    # Not Thread.is_alive(): a join interrupted by SIGTERM (Stopped) marks a still-running thread
+    # as finished (CPython 3.11), and a stopped sender would be reported as done.
+    finished = threading.Event()
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     received, h = 0, hashlib.sha256()
@@ -256,10 +267,10 @@ def exchange(sock: socket.socket, role: str, send: int, expect: int, wait_subflo
     except Stopped as exc:
         receive_error = receive_error or f"{type(exc).__name__}: {exc}"
         stopped = True
-    if thread.is_alive() and not send_error:
+    if not finished.is_set() and not send_error:
         send_error.append("still sending when stopped" if stopped else "still sending at the deadline")
     report.update({
-        "bytes_sent": send if not send_error and not thread.is_alive() else None,
+        "bytes_sent": send if not send_error and finished.is_set() else None,
         "send_error": send_error[0] if send_error else None,
         "receive_error": receive_error,
         "sha256_sent": sent.hexdigest(),

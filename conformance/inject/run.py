@@ -84,6 +84,11 @@ def run_script(lab: Lab, steps: list[dict], *, peer: str | None = None, server: 
     `client_key`: the peer's MP_CAPABLE key, e.g. one whose IDSN lies just below a 2^32 boundary."""
     steps = validate(steps)
     peer = peer or lab.topo.client
+    if peer in lab.seats:
+        from conformance.implementations import ImplementationUnsupported
+
+        raise ImplementationUnsupported(f"our scripted peer plays {peer} in this case, not "
+                                        f"{lab.implementation(peer).name}")
     server = server or lab.topo.server
     port = lab.next_port()
     folder = lab.folder / f"script-{port}"

@@ -39,6 +39,9 @@ class MptcpTopo(Topo):
             raise TopologyError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
         self.family = family
         self.paths: list[str] = []  # router of each path, in path order
+        # Routers a guest kernel plays (router -> Debian kernel version), with the shape its netem
+        # gives the path (conformance.endpoints.guest.router).
+        self.guest_routers: dict[str, tuple[str, LinkShape]] = {}
         super().__init__(*args, **params)
         self._derive_routing()
 
@@ -104,7 +107,9 @@ class PathTopo(MptcpTopo):
       multihomed="both":     c1 =eth<i-1>= r<i> =eth<i-1>= s1
     """
 
-    def build(self, paths: int = 2, multihomed: str = "client", **shape):
+    def build(self, paths: int = 2, multihomed: str = "client", guest_router: str | None = None, **shape):
+        """guest_router="6.12" (or "r2:6.12"): that path's router (r1 by default) is Debian's 6.12
+        kernel in a QEMU guest, whose netem gives the path its delay=, jitter= and loss=."""
         if not isinstance(paths, int) or not 1 <= paths <= MAX_PATHS:
             raise TopologyError(f"paths={paths!r}: expected an integer from 1 to {MAX_PATHS}")
         if multihomed not in MULTIHOMED:
@@ -118,10 +123,21 @@ class PathTopo(MptcpTopo):
             self.wire(client_side, self.client, "198.18.0.0/24", "2001:db8:1:0::/64")
         if multihomed == "client":
             server_side = self.add_router("rs")
+        guest = None
+        if guest_router is not None:
+            router, _, version = str(guest_router).rpartition(":")
+            router = router or "r1"
+            if not version or router not in [f"r{i}" for i in range(1, paths + 1)]:
+                raise TopologyError(f"guest_router={guest_router!r}: expected VERSION or r<i>:VERSION, i from 1 "
+                                    f"to {paths}")
+            guest = router
+            self.guest_routers[router] = (version, LinkShape.from_params(**shape))
         for i in range(1, paths + 1):
             r = self.add_router(f"r{i}")
             self.paths.append(r)
-            self.wire(r, client_side, f"198.18.{i}.0/24", f"2001:db8:1:{i:x}::/64", **shape)
-            self.wire(r, server_side, f"198.19.{i}.0/24", f"2001:db8:2:{i:x}::/64", **shape)
+            # A guest router's netem is its path's delay, jitter and loss: no emulation here as well.
+            link = {k: v for k, v in shape.items() if k in ("bw", "max_queue_size")} if r == guest else shape
+            self.wire(r, client_side, f"198.18.{i}.0/24", f"2001:db8:1:{i:x}::/64", **link)
+            self.wire(r, server_side, f"198.19.{i}.0/24", f"2001:db8:2:{i:x}::/64", **link)
         if multihomed == "client":
             self.wire(server_side, self.server, "198.19.0.0/24", "2001:db8:2:0::/64")

@@ -782,15 +782,17 @@ SPECIAL = ("MPJoinSynAckHMacFailure", "MPJoinAckHMacFailure", "DataCsumErr")  # 
 
 def compare_counters(connections: Sequence[Connection], counters: Mapping[str, Mapping[str, int]],
                      addresses: Mapping[str, Iterable[str]], captures: Mapping[str, Sequence[Path | str]],
-                     *, available: Collection[str] | None = None) -> list[CounterAgreement]:
+                     *, available: Collection[str] | Mapping[str, Collection[str]] | None = None
+                     ) -> list[CounterAgreement]:
     """Compare each node's MPTCP MIB counter deltas with what its own captures imply.
 
     connections: the passive checker's model of the same captures (rules.check() or model.build());
     counters: node -> counter deltas over the transfer (TransferRun.counters; absent means 0);
     addresses: node -> the addresses it owns (a segment to one of them is received by the node);
     captures: node -> the captures taken on that node's own interfaces (node_captures() builds it);
-    available: the counter names the running kernel has (read_counters(pid).keys()); counters it
-    lacks are not compared. None: all of COUNTERS exist.
+    available: the counter names the running kernel has (read_counters(pid).keys()), or node -> the
+    names of that node's kernel (nodes may run different kernels); counters it lacks are not
+    compared. None: all of COUNTERS exist.
     Nodes that took part in no connection of the model (routers) are skipped."""
     ends = {_norm(a) for conn in connections for sub in conn.subflows for a in sub.tuple4[::2]}
     out: list[CounterAgreement] = []
@@ -802,7 +804,8 @@ def compare_counters(connections: Sequence[Connection], counters: Mapping[str, M
             view.feed(Where(pcap, p.frame, p.time), p)
         view.finish()
         if view.involved:
-            out += _Judge(node, view, counters.get(node, {}), available).all()
+            names = available.get(node) if isinstance(available, Mapping) else available
+            out += _Judge(node, view, counters.get(node, {}), names).all()
     return out
 
 
