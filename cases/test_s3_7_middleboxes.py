@@ -34,10 +34,11 @@ def _no_options_after(e, segments, src, after_frame, what: str, rid: str) -> Non
     e.that(not later, what, expected="none", seen=describe(later[0]) if later else "none", rid=rid)
 
 
-def _fallback_reports(e, run, rid):
+def _fallback_reports(e, run, rid, deviation=None):
     for role, report in (("client", run.client), ("server", run.server)):
         e.that(report.get("fallback") is True, f"the {role}'s socket runs as plain TCP (no MPTCP_INFO)",
-               expected="fallback", seen={k: report.get(k) for k in ("fallback", "mptcp")}, rid=rid)
+               expected="fallback", seen={k: report.get(k) for k in ("fallback", "mptcp", "error")
+                                          if report.get(k) is not None}, rid=rid, deviation=deviation)
 
 
 @pytest.mark.families("ipv4", "ipv6")
@@ -206,16 +207,23 @@ def test_mptcp_syn_blackholed_retries_plain_tcp(lab):
     e.that(bool(mpc) and plain is not None and plain.frame > mpc[-1].frame,
            "after its MP_CAPABLE SYNs go unanswered the client sends a SYN without MPTCP options",
            expected="MP_CAPABLE SYN(s), then a plain SYN",
-           seen=f"{len(mpc)} MP_CAPABLE SYN(s), then {describe(plain)}", rid="R3.9.3-01")
-    hs = only_handshake(run.segments("s1-eth0"), "s1-eth0")
-    e.that(not hs.syn.options and not hs.synack.options, "the connection is opened by the plain SYN",
-           expected="plain SYN and SYN/ACK", seen=f"{describe(hs.syn)}; {describe(hs.synack)}", rid="R6-01")
+           seen=f"{len(mpc)} MP_CAPABLE SYN(s), then {describe(plain)}", rid="R3.9.3-01",
+           deviation=lab.known_deviation("R3.9.3-01"))
+    opened = handshakes(run.segments("s1-eth0"))
+    # None at all: a client without the blackhole fallback (Linux 6.1) gives up with its MP_CAPABLE SYNs.
+    e.that(len(opened) == 1 and not opened[0].syn.options and not opened[0].synack.options,
+           "the connection is opened by the plain SYN", expected="one handshake, plain SYN and SYN/ACK",
+           seen="; ".join(f"{describe(h.syn)}; {describe(h.synack)}" for h in opened)
+           or f"no handshake reached the server; the client's report: {run.client.get('error')}", rid="R6-01",
+           deviation=lab.known_deviation("R6-01"))
     e.that(plain is not None, f"the client retried MP_CAPABLE {max(len(mpc) - 1, 0)} time(s) before plain TCP "
-           "(informational)", expected="any number", seen=f"{len(mpc)} MP_CAPABLE SYN(s)", rid="R3.1-32")
-    _fallback_reports(e, run, "R6-01")
+           "(informational)", expected="any number", seen=f"{len(mpc)} MP_CAPABLE SYN(s)", rid="R3.1-32",
+           deviation=lab.known_deviation("R3.9.3-01"))
+    deviation = lab.known_deviation("R6-01")
+    _fallback_reports(e, run, "R6-01", deviation)
     e.counter(run.counters, "c1", "MPCapableSYNTXDrop", 1)
     e.counter(run.counters, "c1", "Blackhole", 1)
-    run.expect_intact(e)
+    run.expect_intact(e, rid="R6-01", deviation=deviation)
 
 
 def _join(segments, where):

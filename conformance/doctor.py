@@ -512,12 +512,15 @@ def probe_guest_accelerator() -> Probe:
             kvm = "usable /dev/kvm, boot not yet tried" if vm.kvm_usable() else "no usable /dev/kvm"
             return Probe(name, True, f"qemu present; {kvm}; TCG available; no guest kernel fetched yet", "",
                          needed)
-        parts = []
+        parts, whys = [], set()
         for kernel in fetched:
             accel = vm.accelerator(kernel)
-            why = (vm.accelerator_known(kernel.release) or {}).get("why", "")
-            parts.append(f"{kernel.release}: {accel.upper()}" + (f" ({why})" if accel == "tcg" else ""))
-        return Probe(name, True, "; ".join(parts), "", needed)
+            parts.append(f"{kernel.release}: {accel.upper()}")
+            if accel == "tcg":
+                why = (vm.accelerator_known(kernel.release) or {}).get("why", "")
+                whys.add(why.splitlines()[0][:90] if why else "")
+        detail = "; ".join(parts) + (f" (TCG because {'; '.join(sorted(w for w in whys if w))})" if whys else "")
+        return Probe(name, True, detail, "", needed)
 
     return _attempt(name, needed, body)
 

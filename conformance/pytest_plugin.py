@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conformance import __version__
-from conformance.errors import CapabilityMissing
+from conformance.errors import CapabilityMissing, HarnessError
 from conformance.net.cleanup import Cleanup
 from conformance.net.names import release_run, sweep_stale
 from conformance.net.topo import FAMILIES
@@ -236,12 +236,22 @@ def case_outcome(now: str, report: pytest.TestReport) -> str:
         return "unsupported" if any(k == "unsupported" for k, _ in report.user_properties) else "skip"
     if not report.failed:
         return now
-    if report.when == "call" and now != "error":
+    if report.when == "call" and now != "error" and not _harness_broke(report):
         return "oracle-disagreement" if _only_oracles(report) else "fail"
     return "error"
 
 
 _ORACLE_FAILURE = f"{OracleDisagreement.__module__}.{OracleDisagreement.__qualname__}"
+def _harness_broke(report: pytest.TestReport) -> bool:
+    """The call ended on a HarnessError (the harness broke, or could not create the condition the
+    case is about): an error, not a verdict on the implementation."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    kinds, todo = [], [HarnessError]
+    while todo:  # subclasses live in modules imported later (the guest's GuestError)
+        kind = todo.pop()
+        kinds.append(f"{kind.__module__}.{kind.__qualname__}:")
+        todo += kind.__subclasses__()
+    return crash is not None and crash.message.startswith(tuple(kinds))
 
 
 def _only_oracles(report: pytest.TestReport) -> bool:

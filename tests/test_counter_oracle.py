@@ -303,7 +303,9 @@ def test_a_reset_in_sequence_is_settled_by_what_the_node_sends_next(tmp_path, an
     assert not disagreements(got.values()), [str(a) for a in disagreements(got.values())]
     rx, tx = got[("s1", "MPRstRx")], got[("s1", "MPRstTx")]
     if answer == "socket-reset":
-        assert (rx.low, rx.high, tx.low, tx.high) == (0, 0, 1, 1)
+        # Linux 6.1's fast close reads the peer's reset and still resets that subflow itself
+        # (seen live against a 6.1 guest): the captures cannot tell that from an unread reset.
+        assert (rx.low, rx.high, tx.low, tx.high) == (0, 1, 1, 1) and "fast close" in rx.explanation
     else:
         assert (rx.low, rx.high) == (0, 1) and "challenge ACK" in rx.explanation
 

@@ -103,3 +103,16 @@ def test_any_debian_kernel_version_is_a_guest_implementation() -> None:
         assert (impl.kind, impl.guest) == ("vm", version)
     with pytest.raises(ValueError, match="linux-<Debian kernel version>-kvm"):
         get("linux-kvm")
+
+
+def test_a_console_that_shows_an_oops_or_a_warning_is_caught_and_a_quiet_one_is_not() -> None:
+    from conformance.endpoints.guest.vm import oopses
+
+    quiet = "[    3.51] netem: version 1.3\nmptcp-guest: agent on /dev/vport0p1\n"
+    assert oopses(quiet) == []
+    broken = quiet + ("[   12.30] ------------[ cut here ]------------\n"
+                      "[   12.30] WARNING: CPU: 0 PID: 57 at net/mptcp/protocol.c:1234 __mptcp_clean_una+0x1/0x2\n"
+                      "[   12.31] Call Trace:\n"
+                      "[   13.00] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+    found = oopses(broken)
+    assert len(found) == 3 and found[0].startswith("[   12.30] WARNING: CPU: 0")

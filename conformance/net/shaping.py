@@ -72,6 +72,20 @@ class LinkShape:
         return self.bw is None and not self.needs_netem and self.max_queue_size is None
 
 
+def netem_args(shape: LinkShape) -> list[str]:
+    """`tc qdisc ... netem` arguments giving a link's delay, jitter, loss and queue limit."""
+    netem = ["netem"]
+    if shape.delay_ms:
+        netem += ["delay", f"{shape.delay_ms:g}ms"]
+        if shape.jitter_ms:
+            netem += [f"{shape.jitter_ms:g}ms"]
+    if shape.loss:
+        netem += ["loss", f"{shape.loss:g}%"]
+    if shape.max_queue_size:
+        netem += ["limit", str(shape.max_queue_size)]
+    return netem
+
+
 def htb_burst(mbps: float) -> int:
     """Bytes an HTB class may send at once: what the rate sends in 1 ms, at least 15 kB (Mininet's
     TCLink value). tc's default (one MTU at a high-resolution clock) makes every packet wait for the
@@ -106,16 +120,7 @@ def apply_shape(netns: str, ifname: str, shape: LinkShape, *, netem_available: b
             parent = ["parent", "1:1"]
             want.append("htb")
         if shape.needs_netem:
-            netem = ["netem"]
-            if shape.delay_ms:
-                netem += ["delay", f"{shape.delay_ms}ms"]
-                if shape.jitter_ms:
-                    netem += [f"{shape.jitter_ms}ms"]
-            if shape.loss:
-                netem += ["loss", f"{shape.loss}%"]
-            if shape.max_queue_size:
-                netem += ["limit", str(shape.max_queue_size)]
-            _tc(netns, "qdisc", "add", "dev", ifname, *parent, "handle", "10:", *netem)
+            _tc(netns, "qdisc", "add", "dev", ifname, *parent, "handle", "10:", *netem_args(shape))
             want.append("netem")
         elif shape.max_queue_size:
             _tc(netns, "qdisc", "add", "dev", ifname, *parent, "handle", "10:", "pfifo", "limit",

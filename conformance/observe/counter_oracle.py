@@ -423,16 +423,21 @@ class _NodeView:
 
     def _settle_reset(self, flow: _Flow, p: Packet | None) -> None:
         """The held reset, once the node's next segment on the subflow (`p`; None: it sent none)
-        shows whether its stack read it. A reset with ACK is written by a socket: the node's socket
-        outlived the reset (or reset first itself), which was not read. A reset without ACK is a
-        stateless reply: no socket any more, the reset was read, as when the node falls silent. Any
-        other segment is a challenge ACK, or was queued before the reset arrived: either."""
+        shows whether its stack read it. A reset with ACK is written by a socket: usually the node's
+        socket outlived the reset (or reset first itself) and did not read it, but a fast close
+        that resets every subflow in turn (Linux 6.1, MP_FASTCLOSE on a RST) may read the peer's
+        reset and still write its own on that subflow: either. A reset without ACK is a stateless
+        reply: no socket any more, the reset was read, as when the node falls silent. Any other
+        segment is a challenge ACK, or was queued before the reset arrived: either."""
         where, rst, opts = flow.held_reset
         flow.held_reset = None
         if p is None or (p.flags & RST and not p.flags & ACK):
             self._established_rx(flow, where, rst, opts, sure=True, why="")
         elif p.flags & RST:
-            flow.closed = False
+            flow.closed = False  # its own reset, which follows, is written by a live socket
+            self._established_rx(flow, where, rst, opts, sure=False,
+                                 why="the node reset the subflow after this reset (not read, or read by a "
+                                     "fast close resetting every subflow in turn)")
         else:
             flow.closed = None
             self._established_rx(flow, where, rst, opts, sure=False,

@@ -1277,6 +1277,8 @@ static void j_head(json *j, const struct opts *o, struct xfer *x)
 /* exchange(): send and receive at once, the whole bounded by `deadline`. Fills `j` with the
  * report (without local/peer/socket) and returns 0, with *ok as the report's "ok" and *aborted
  * set when the socket was closed here; -1 with `err` when Python's exchange() would have raised. */
+static int wait_ready(int fd, short events, int sigfd, int *term_seen, double deadline);
+
 static int exchange(int fd, const struct opts *o, int sigfd, int *term_seen, double deadline, json *j,
                     pyerr *err, int *ok, int *aborted)
 {
@@ -1321,16 +1323,12 @@ static int exchange(int fd, const struct opts *o, int sigfd, int *term_seen, dou
         double call_deadline = now_s() + timeout;
         ssize_t n = -1;
         for (;;) {
-            struct pollfd pf[2] = {{fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
-            struct timespec ts = to_timespec(call_deadline - now_s());
-            int r = ppoll(pf, 2, &ts, NULL);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (pf[1].revents && sigterm_arrived(sigfd)) {
-                *term_seen = stopped = 1;
+            int ready = wait_ready(fd, POLLIN, sigfd, term_seen, call_deadline);
+            if (ready < 0) {
+                stopped = 1;
                 break;
             }
-            if (r == 0 || (r < 0 && now_s() >= call_deadline)) {
+            if (ready == 0) {
                 receive_error = TIMED_OUT;
                 break;
             }

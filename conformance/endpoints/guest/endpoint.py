@@ -22,7 +22,7 @@ from conformance.endpoints.guest.vm import Guest, GuestError
 from conformance.endpoints.linux import MptcpConfig
 from conformance.endpoints.transfer import decode_info
 from conformance.errors import HarnessError
-from conformance.net.shaping import LinkShape
+from conformance.net.shaping import LinkShape, netem_args
 
 _GUESTS: dict[str, Guest] = {}
 _FLAG_WORDS = {1: "signal", 2: "subflow", 4: "backup", 8: "fullmesh"}
@@ -32,17 +32,18 @@ class Unsupported(Exception):
     """The guest kernel lacks what the case asks for (a sysctl, a path-manager feature)."""
 
 
-def acquire(version: str, slot: str) -> Guest:
+def acquire(version: str, slot: str, nics: int = 1) -> Guest:
     """The session's guest running Debian's kernel `version` in `slot` (the topology node it plays:
-    a 6.1 client and a 6.1 server are two guests), booted on first use."""
+    a 6.1 client and a 6.1 server are two guests) with at least `nics` NICs, booted on first use
+    (again if a case needs more NICs than it has)."""
     key = f"{version}/{slot}"
     guest = _GUESTS.get(key)
-    if guest is not None and guest.proc is not None and guest.proc.running():
+    if guest is not None and guest.proc is not None and guest.proc.running() and guest.nics >= nics:
         return guest
     if guest is not None:
         guest.stop()
     kernel = kernels.fetch(version)
-    guest = Guest(kernel, re.sub(r"[^0-9a-z]", "", f"{version}{slot}".lower()))
+    guest = Guest(kernel, re.sub(r"[^0-9a-z]", "", f"{version}{slot}".lower()), nics=nics)
     try:
         guest.boot()
     except BaseException:
@@ -226,14 +227,11 @@ def emulate_path(seat: Seat, shape: LinkShape) -> list[str]:
         return []
     if not seat.guest.kernel.has_netem():
         raise Unsupported(f"Linux {seat.guest.kernel.release} has no netem")
-    words = []
-    if shape.delay_ms:
-        words += ["delay", f"{2 * shape.delay_ms:g}ms"]
-        if shape.jitter_ms:
-            words += [f"{math.sqrt(2) * shape.jitter_ms:.3f}ms"]
-    if shape.loss:
-        words += ["loss", f"{100 * (1 - (1 - shape.loss / 100) ** 2):.4f}%"]
-    lines = [f"/usr/sbin/tc qdisc replace dev {intf} root netem limit 10000 {' '.join(words)}"
+    one_way = LinkShape(delay_ms=2 * shape.delay_ms if shape.delay_ms else None,
+                        jitter_ms=math.sqrt(2) * shape.jitter_ms if shape.jitter_ms else None,
+                        loss=100 * (1 - (1 - shape.loss / 100) ** 2) if shape.loss else None,
+                        max_queue_size=shape.max_queue_size or 10_000)
+    lines = [f"/usr/sbin/tc qdisc replace dev {intf} root {' '.join(netem_args(one_way))}"
              for intf in seat.interfaces]
     seat.guest.script(lines)
     seat.commands += lines

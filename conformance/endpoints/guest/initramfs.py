@@ -70,7 +70,7 @@ def build_agent(out_dir: Path) -> Path:
         return binary
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_suffix(".tmp")
-    cp = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(tmp), str(AGENT_SOURCE)],
+    cp = subprocess.run(["gcc", "-static", "-O2", "-s", "-Wall", "-pthread", "-o", str(tmp), str(AGENT_SOURCE)],
                         capture_output=True, text=True, check=False)
     if cp.returncode != 0:
         raise HarnessError(f"building the guest agent ({AGENT_SOURCE}) failed: {cp.stderr.strip()[-500:]}")
