@@ -247,11 +247,13 @@ def test_checksum_failure_on_the_only_subflow_falls_back_to_tcp(lab):
         return
     signalled = from_server[0][0]
     answer = next((s for s, _ in _mp_fails(hs.stream, client) if s.time >= signalled.time), None)
+    deviation = lab.known_deviation("R3.7-10")
+    after = [describe(s) for s in hs.stream if s.src == client and s.time >= signalled.time][:3]
     e.that(answer is not None, "the client, receiving MP_FAIL, sends MP_FAIL back",
-           expected="MP_FAIL from the client", seen=describe(answer), rid="R3.7-10")
+           expected="MP_FAIL from the client", seen=describe(answer) if answer else f"none; it sent {after}",
+           rid="R3.7-10", deviation=deviation)
     infinite = next((s for s in hs.stream if s.src == client and s.time >= signalled.time
                      and any(o.get("data_level_length") == 0 for o in s.mptcp("DSS"))), None)
-    deviation = lab.known_deviation("R3.7-10")
     data_after = [s for s in hs.stream if s.src == client and s.payload and s.time > signalled.time]
     e.that(infinite is not None, "the client reverts to plain TCP, starting with an infinite mapping (DSS, "
            "data-level length 0)", expected="a DSS of length 0 on the wire",
