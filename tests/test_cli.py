@@ -118,3 +118,16 @@ def test_check_pcap_bad_files_are_one_line_naming_file_and_offset(tmp_path, caps
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "x.pcap" in err[0] and "offset" in err[0] and words in err[0], err
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["guest", "six"], "kernel version 'six': expected a Debian kernel version"),
+    (["guest", "6.1", "--accel", "xen"], "invalid choice: 'xen'"),
+])
+def test_guest_bad_input_is_one_line_and_exit_2(capsys, argv, words):
+    with pytest.raises(SystemExit) as exc_info:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and words in err[-1], err
