@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conformance.endpoints.counters import delta, read_counters
 from conformance.endpoints.guest import endpoint as guests
-from conformance.endpoints.guest.seat import Seat, take_place
+from conformance.endpoints.guest.seat import IP, Seat, take_place
 from conformance.endpoints.linux import EndpointFlags, MptcpConfig, PMEndpoint, show_endpoints
 from conformance.errors import HarnessError
 from conformance.implementations import DEFAULT, Implementation
@@ -437,8 +437,8 @@ class Lab:
             if node in self.seats:
                 guest = self.seats[node].guest
                 (folder / f"ss-{node}.txt").write_text(guest.sh(
-                    "/usr/sbin/ip mptcp limits show; /usr/sbin/ip mptcp endpoint show; cat /proc/net/tcp "
-                    "/proc/net/tcp6", check=False))
+                    f"{IP} mptcp limits show; {IP} mptcp endpoint show; cat /proc/net/tcp /proc/net/tcp6",
+                    check=False))
                 continue
             ns = self.net.netns(node)
             text = []

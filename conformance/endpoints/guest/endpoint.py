@@ -12,12 +12,13 @@ import ipaddress
 import json
 import math
 import re
+import shlex
 import time
 from pathlib import Path
 
 from conformance.endpoints.counters import PREFIXES
 from conformance.endpoints.guest import kernels
-from conformance.endpoints.guest.seat import IP, Seat, shell_words
+from conformance.endpoints.guest.seat import IP, Seat
 from conformance.endpoints.guest.vm import Guest, GuestError
 from conformance.endpoints.linux import MptcpConfig
 from conformance.endpoints.transfer import decode_info
@@ -91,7 +92,7 @@ def configure(seat: Seat, cfg: MptcpConfig) -> None:
         if ep.port is not None:
             words += ["port", str(ep.port)]
         words += [word for bit, word in _FLAG_WORDS.items() if int(ep.flags) & bit]
-        lines.append(shell_words(words))
+        lines.append(shlex.join(words))
     guest.script(lines)
     seat.commands += lines
 
@@ -139,7 +140,7 @@ class GuestProcess:
         self.seat, self.tag, self.argv = seat, tag, argv
         self.report, self.out, self.err = report, out, err
         self.remote_report = f"/run/{tag}.json"
-        reply = seat.guest.call("bg", f"{tag} {shell_words([*argv, '--report', self.remote_report])}")
+        reply = seat.guest.call("bg", f"{tag} {shlex.join([*argv, '--report', self.remote_report])}")
         if reply.rc != 0:
             raise GuestError(f"guest {seat.guest.name}: could not start {argv[:3]}: {reply.text.strip()}")
         self.pid = int(reply.text.strip() or 0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +147,3 @@ def take_place(guest: Guest, node: str, netns: str, interfaces: list[str], clean
     seat.commands = commands + later
     guest.script(seat.commands)
     return seat
-
-
-def shell_words(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
