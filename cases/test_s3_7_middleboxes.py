@@ -442,7 +442,10 @@ def test_coalescing_middlebox_keeps_the_data_intact(lab):
     box = _attach(lab, "coalesce", router="r1")
     run = lab.transfer(up=2 * MB, down=MB // 5, wait_subflows=2)
     e = lab.expect
-    box.expect_acted(e, at_least=10)
+    # Two segments make a merge. How many more pass depends on when the server resets the subflow
+    # that lost a mapping (then the rest goes on the second path): the helper's report below and
+    # the unmapped data are what prove the case happened.
+    box.expect_acted(e, at_least=2)
     box.remove(lab.folder)
     report = box.helper_reports().get("r1", {})
     e.that(report.get("changed", 0) > 0 and report.get("options_lost", 0) > 0,
