@@ -8,6 +8,11 @@ class HarnessError(Exception):
     """The harness itself broke (a command failed, a process did not start)."""
 
 
+class NotExercised(HarnessError):
+    """The condition a case is about did not arise this run, for a reason the harness does not
+    control (a race under load): not a verdict. Cases that can hit one are marked to run again."""
+
+
 class CommandError(HarnessError):
     """A command exited non-zero; carries enough context to debug it from the message alone."""
 

@@ -214,6 +214,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if config is None or _partial_key not in config.stash:
         return
     partial = config.stash[_partial_key]
+    if report.outcome == "rerun":
+        # pytest-rerunfailures runs it again (the case's condition did not arise: NotExercised):
+        # this attempt is no verdict; its teardown report is dropped with it.
+        partial[report.nodeid] = {"rerun": True}
+        return
+    if partial.get(report.nodeid, {}).get("rerun"):
+        if report.when == "teardown":
+            partial.pop(report.nodeid)
+        return
     entry = partial.setdefault(report.nodeid, {"outcome": "pass", "reason": None, "duration": 0.0,
                                                "props": {}})
     entry["duration"] += report.duration

@@ -174,7 +174,9 @@ def test_the_agent_and_the_python_endpoint_exchange_streams_both_ways(agent: str
     two = runs["agent_client"]["client"]
     # Both were up before the bulk; at the end the kernel may have closed one already (seen under load).
     assert two["subflows_before_bulk"] == 2 and len(two["subflows"]) in (1, 2)
-    assert {sf["local"]["addr"] for sf in two["subflows"]} == {"127.0.0.1", "127.0.0.2"}
+    # A subflow being torn down as the report is taken shows the unspecified address (seen in CI).
+    addrs = {sf["local"]["addr"] for sf in two["subflows"]} - {"0.0.0.0", "::"}
+    assert addrs and addrs <= {"127.0.0.1", "127.0.0.2"}, two["subflows"]
 
 
 # -- transfer: a stream that went wrong, an abortive close, a SIGTERM ---------------------------
