@@ -1,4 +1,4 @@
-"""The `mptcp-conformance` command: doctor, run, matrix, check-pcap, report.
+"""The `mptcp-conformance` command: doctor, run, matrix, check-pcap, pkt, guest, report.
 
 Exit codes: 0 all judged requirements hold, 1 a required (MUST-class) one failed, 2 environment or
 input error (one line naming the input and the place), 3 (run, report) only our oracles disagreed."""
@@ -236,6 +236,48 @@ def _guest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pkt(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from conformance.errors import InputError
+    from conformance.packetdrill import engines
+    from conformance.packetdrill.script import load
+    from conformance.packetdrill.variants import for_script
+
+    paths: list[Path] = []
+    for item in args.script:
+        p = Path(item)
+        paths += sorted(p.rglob("*.pkt")) if p.is_dir() else [p]
+    try:
+        if not paths:
+            raise InputError(f"{', '.join(args.script)}: no .pkt scripts there")
+        scripts = [load(p) for p in paths]  # every script parses before any runs
+        engine = engines.resolve_engine(args.engine)
+        if engine == "packetdrill" and engines.packetdrill_binary()[0] is None:
+            raise InputError(f"--engine packetdrill: {engines.packetdrill_binary()[1]}")
+        if os.geteuid() != 0:
+            raise InputError("pkt: running a script needs root (a network namespace and a TUN device per run)")
+    except InputError as exc:
+        print(f"mptcp-conformance pkt: {exc}", file=sys.stderr)
+        return EXIT_ENV
+    results = []
+    for script in scripts:
+        for variant in for_script(script.path, args.variant):
+            r = engines.run(script, variant, engine, args.mode)
+            results.append(r)
+            if not args.json:
+                print(r.details() if r.verdict != "pass" or r.tolerated else r.headline(), flush=True)
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        counts = {v: sum(r.verdict == v for r in results) for v in ("pass", "fail", "error", "skip")}
+        print(f"{len(results)} run(s): " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+    if any(r.verdict == "error" for r in results):
+        return EXIT_ENV
+    return EXIT_FAIL if any(r.verdict == "fail" for r in results) else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(prog="mptcp-conformance", description="RFC 8684 (MPTCP) conformance suite")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -276,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     gst.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="accelerator (default: KVM where it boots the kernel, else TCG; detected once)")
     gst.add_argument("--json", action="store_true", help="machine-readable output")
+    pkt = sub.add_parser("pkt", help="run packetdrill scripts (the MPTCP fork's dialect) against the local kernel")
+    pkt.add_argument("script", nargs="+", help=".pkt files, or folders searched for them")
+    pkt.add_argument("--engine", default="auto", choices=("auto", "packetdrill", "python"),
+                     help="the real packetdrill (PATH or $PACKETDRILL) or our interpreter (default: auto)")
+    pkt.add_argument("--mode", default="strict", choices=("strict", "rfc"),
+                     help="strict: every byte and time like packetdrill; rfc: only what RFC 8684 requires")
+    pkt.add_argument("--variant", default="all", choices=("ipv4", "ipv4-mapped-ipv6", "ipv6", "all"),
+                     help="address family (default: all the script's name allows)")
+    pkt.add_argument("--json", action="store_true", help="machine-readable output")
     rep = sub.add_parser("report", help="render report.md, report.html and junit.xml again from a results.json")
     rep.add_argument("results", help="path of results.json")
     rep.add_argument("--out", metavar="DIR", help="output folder (default: beside results.json)")
@@ -298,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check_pcap(args)
         if args.command == "guest":
             return _guest(args)
+        if args.command == "pkt":
+            return _pkt(args)
         return _report(args)
     finally:
         from conformance.net.names import release_run

@@ -525,6 +525,21 @@ def probe_guest_accelerator() -> Probe:
     return _attempt(name, needed, body)
 
 
+def probe_packetdrill() -> Probe:
+    """Whether the real MPTCP packetdrill is here and usable (its engine for .pkt scripts)."""
+    name, needed = "packetdrill", "the packetdrill engine of `mptcp-conformance pkt` (ours needs nothing)"
+
+    def body() -> Probe:
+        from conformance.packetdrill.engines import packetdrill_binary
+
+        path, why = packetdrill_binary()
+        if path is None:
+            return Probe(name, False, "", why, needed)
+        return Probe(name, True, path, "", needed)
+
+    return _attempt(name, needed, body)
+
+
 # --- running, caching, requiring --------------------------------------------------------------
 
 # Order is the order of the report: the basics first, optional extras last.
@@ -548,6 +563,7 @@ _PROBES: list[tuple[str, Callable[[], Probe | list[Probe]]]] = [
     ("dev:net/tun", lambda: probe_device("/dev/net/tun")),
     ("dev:kvm", lambda: probe_device("/dev/kvm")),
     ("guest:accelerator", probe_guest_accelerator),
+    ("packetdrill", lambda: probe_packetdrill()),
 ]
 
 

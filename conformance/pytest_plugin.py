@@ -45,6 +45,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="implementation in the server role (default linux)")
     group.addoption("--mptcp-progress", action="store_true", default=False,
                     help="show a progress bar over the cases and a summary table at the end (rich)")
+    from conformance.packetdrill.collect import add_options
+
+    add_options(group)
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):
+    from conformance.packetdrill.collect import collect_file
+
+    return collect_file(parent, file_path)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -458,6 +458,34 @@ class _Build(Transformer):
         return Command(str(text)[1:-1])
 
 
+def option_size(o: Option) -> int:
+    """Bytes the option takes on the wire as the script writes it (packetdrill's sizes: a DSS
+    mapping without `nocs` or `cksum=` has its checksum; an address not yet known counts as IPv4)."""
+    f = o.fields
+    fixed = {"nop": 1, "eol": 1, "mss": 4, "sackOK": 2, "TS": 10, "wscale": 3, "mp_join_syn": 12,
+             "mp_join_syn_ack": 16, "mp_join_ack": 24, "mp_fail": 12, "mp_fastclose": 12, "mp_reset": 4}
+    if o.name in fixed:
+        return fixed[o.name]
+    if o.name == "sack":
+        return 2 + 8 * len(f["blocks"])
+    if o.name == "mpcapable":
+        return {0: 4, 1: 12, 2: 20}[len(f.get("keys", []))] + (2 if "datalen" in f else 0)
+    if o.name == "dss":
+        n = 4 + ((8 if f["dack_bits"] == 64 else 4) if "dack_bits" in f else 0)
+        if "dsn" in f:
+            n += (8 if f["dsn_bits"] == 64 else 4) + 6 + (0 if f.get("checksum", 0) is None else 2)
+        return n
+    if o.name == "add_address":
+        func = f["addr"][1]
+        v6 = func is not None and func[0] == "inet6_addr"
+        return (20 if v6 else 8) + (2 if f.get("port") is not None else 0) + (0 if f["echo"] else 8)
+    if o.name == "remove_address":
+        return 3 + len(f["ids"])
+    if o.name == "mp_prio":
+        return 4 if "address_id" in f else 3
+    raise ValueError(o.name)
+
+
 _OPTION = re.compile(r"--([a-z_0-9]+)(?:=(.*))?")
 
 
@@ -508,6 +536,15 @@ def parse(text: str, path: str | Path = "<script>") -> Script:
         else:
             time, action = built.children
             events.append(Event(where, time, action, source))
+    for ev in events:
+        p = ev.action
+        if isinstance(p, Packet) and p.options:
+            size = sum(option_size(o) for o in p.options)
+            if size % 4:
+                raise ScriptError(f"{ev.where}: TCP options are not padded to a multiple of 4 bytes "
+                                  f"({size} bytes: add {4 - size % 4} nop)")
+            if size > 40:
+                raise ScriptError(f"{ev.where}: TCP options take {size} bytes, more than the 40 TCP allows")
     for key in ("tolerance_usecs",):
         if key in options and not options[key].isdigit():
             raise ScriptError(f"{where_file}:1:1: --{key} must be a whole number of microseconds, "
