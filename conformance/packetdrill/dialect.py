@@ -56,8 +56,6 @@ class Flow:
     remote_isn: int = 0
     local_nonce: int | None = None
     remote_nonce: int = DEFAULT_NONCE
-    syn_sent: bool = False  # the kernel opened it
-    synack_seen: bool = False
 
 
 class Mismatch(Exception):
@@ -167,14 +165,16 @@ class State:
             if hmac == "auto":
                 hmac = crypto.join_synack_hmac(self.script_key, self.kernel_key, flow.remote_nonce,
                                                self._nonce(flow))
+            else:
+                hmac = self.join_mac(hmac, flow.remote_nonce, self._nonce(flow), full=False)
             return MPJoinSynAck(backup=f.get("backup", 0), address_id=f.get("address_id") or 0,
-                                sender_truncated_hmac=self.eval(hmac), sender_random=flow.remote_nonce)
+                                sender_truncated_hmac=hmac, sender_random=flow.remote_nonce)
         if n == "mp_join_ack":
             hmac = f.get("hmac", "auto")
             if hmac == "auto":
                 mac = crypto.join_hmac(self.script_key, self.kernel_key, flow.remote_nonce, self._nonce(flow))[:20]
             else:
-                mac = self.eval(hmac).to_bytes(20, "big")
+                mac = self.join_mac(hmac, flow.remote_nonce, self._nonce(flow), full=True)
             return MPJoinAck(sender_hmac=mac)
         if n == "add_address":
             name, func = f["addr"]
@@ -208,6 +208,21 @@ class State:
         if n == "mp_reset":
             return MPTCPRst(flags=0x1 if f["transient"] else 0, reason=f["reason"])
         raise ScriptError(f"option {n} cannot be sent")
+
+    def join_mac(self, v: Any, own_nonce: int, peer_nonce: int, *, full: bool) -> Any:
+        """An MP_JOIN HMAC the script spells out: a number, `trunc_l64_hmac(N)`, or computed from
+        two named keys, `trunc_l64_hmac(a b)` / `full_160_hmac(a b)` (Key = a ‖ b, the sender's
+        nonce first): how a script sends or expects a wrong one."""
+        if isinstance(v, Call) and v.name in ("trunc_l64_hmac", "full_160_hmac"):
+            if len(v.args) == 1 and isinstance(v.args[0], int):
+                v = v.args[0]
+            elif len(v.args) == 2:
+                mac = crypto.join_hmac(self.key(str(v.args[0])), self.key(str(v.args[1])), own_nonce, peer_nonce)
+                return mac[:20] if full else int.from_bytes(mac[:8], "big")
+            else:
+                raise ScriptError(f"{v.name}() takes a number or two key variables")
+        value = self.eval(v)
+        return value.to_bytes(20, "big") if full else value
 
     def _nonce(self, flow: Flow) -> int:
         if flow.local_nonce is None:
@@ -352,13 +367,14 @@ class State:
             elif n == "mp_join_syn_ack":
                 hmac = f.get("hmac", "auto")
                 want = (crypto.join_synack_hmac(self.kernel_key, self.script_key, live.sender_random,
-                                                flow.remote_nonce) if hmac == "auto" else self.eval(hmac))
+                                                flow.remote_nonce) if hmac == "auto"
+                        else self.join_mac(hmac, live.sender_random, flow.remote_nonce, full=False))
                 same("sender_hmac", want, live.sender_truncated_hmac)
             else:
                 hmac = f.get("hmac", "auto")
                 want = (crypto.join_hmac(self.kernel_key, self.script_key, self._nonce(flow),
                                          flow.remote_nonce)[:20] if hmac == "auto"
-                        else self.eval(hmac).to_bytes(20, "big"))
+                        else self.join_mac(hmac, self._nonce(flow), flow.remote_nonce, full=True))
                 same("sender_hmac", want.hex(), bytes(live.sender_hmac).hex())
             return diffs
         if n == "add_address":

@@ -158,7 +158,9 @@ class Interpreter:
         self.tolerance = script.tolerance
         self.state = State()
         self.flows: dict[tuple[Endpoint, Endpoint], Flow] = {}
-        self.current: Flow | None = None
+        # The subflow lines without a tuple are on (packetdrill's socket under test): the one the
+        # latest SYN opened, whichever way; a line naming its tuple does not move it.
+        self.under_test: Flow | None = None
         self.remote_count = 0
         # script TS val -> the kernel's, per subflow (Linux gives each subflow its own TS offset)
         self.ts_map: dict[tuple[Endpoint, Endpoint] | None, dict[int, int]] = {}
@@ -349,31 +351,27 @@ class Interpreter:
     def _resolve_inbound(self, p: Packet) -> Flow:
         addrs = self.state.addrs
         if p.src is None and p.dst is None:
-            if self.current is None:
-                remote = self.new_remote()
-                self.current = self.flow(self.default_local(), remote)
-            if set(p.flags) >= {"S", "."}:
-                # A SYN/ACK answers the kernel's latest SYN still waiting, whichever line came between.
-                waiting = [f for f in self.flows.values() if f.syn_sent and not f.synack_seen]
-                if waiting:
-                    self.current = waiting[-1]
-            return self.current
+            if self.under_test is None:
+                self.under_test = self.flow(self.default_local(), self.new_remote())
+            return self.under_test
         local = addrs.get(p.dst) if p.dst else None
         remote = addrs.get(p.src) if p.src else None
+        base = self.under_test
         if p.dst and local is None:
-            local = self.default_local() if not self.flows else (self.current.local if self.current
-                                                                 else self.default_local())
+            local = base.local if base else self.default_local()
             addrs[p.dst] = local
         if local is None:
-            local = self.current.local if self.current else self.default_local()
+            local = base.local if base else self.default_local()
         if p.src and remote is None:
             remote = self.new_remote()
             addrs[p.src] = remote
         if remote is None:
             known = [f for f in self.flows.values() if f.local == local]
-            remote = known[-1].remote if known else (self.current.remote if self.current else self.new_remote())
-        self.current = self.flow(local, remote)
-        return self.current
+            remote = known[-1].remote if known else (base.remote if base else self.new_remote())
+        fl = self.flow(local, remote)
+        if self.under_test is None or (set(p.flags) & {"S"} and "." not in p.flags):
+            self.under_test = fl
+        return fl
 
     def _inbound(self, ev: Event, p: Packet) -> None:
         try:
@@ -381,8 +379,6 @@ class Interpreter:
             bits = flag_bits(p.flags)
             if bits & 0x02 and not bits & 0x10:
                 fl.remote_isn = p.seq
-            if bits & 0x12 == 0x12:
-                fl.synack_seen = True
             # Like packetdrill, the ack field moves into the kernel's sequence space even when the
             # script leaves it at 0: a segment acknowledging nothing still gets a RST at that point.
             ack = ((p.ack or 0) + (fl.local_isn or 0)) & M32 if bits & 0x10 or p.ack else 0
@@ -554,15 +550,17 @@ class Interpreter:
                     diffs.append(f"{side} addr[{name}]: expected {want}, got {ep}")
             elif not dry:
                 addrs[name] = ep
-        # Strict: a line without a tuple is on the last line's subflow. rfc: on any subflow of the
+        # Strict: a line without a tuple is on the subflow under test. rfc: on any subflow of the
         # connection (which subflow carries a signal is the sender's choice); its numbers still tell.
-        if p.src is None and p.dst is None and self.current is not None and self.strict \
-                and (self.current.local, self.current.remote) != (local, remote):
-            diffs.append(f"subflow: expected {self.current.local} > {self.current.remote}, got {local} > {remote}")
+        test = self.under_test
+        if p.src is None and p.dst is None and test is not None and self.strict \
+                and (test.local, test.remote) != (local, remote):
+            diffs.append(f"subflow: expected {test.local} > {test.remote}, got {local} > {remote}")
         fl = None
         if not diffs and not dry:
             fl = self.flow(local, remote)
-            self.current = fl
+            if self.under_test is None or int(tcp.flags) & 0x12 == 0x02:
+                self.under_test = fl
         return fl, diffs
 
     def _judge(self, p: Packet, live: Live, dry: bool) -> list[str]:
@@ -593,11 +591,8 @@ class Interpreter:
             diffs.append("payload: expected the zero bytes the script wrote, got other bytes")
         if not diffs:
             diffs += self._judge_options(p, live, fl, dry)
-        if not diffs and not dry and fl is not None:
-            if isn is not None:
-                fl.local_isn = isn
-            if got_bits & 0x12 == 0x02:
-                fl.syn_sent = True
+        if not diffs and not dry and fl is not None and isn is not None:
+            fl.local_isn = isn
         return diffs
 
     def _judge_options(self, p: Packet, live: Live, fl: Flow | None, dry: bool) -> list[str]:
