@@ -75,6 +75,9 @@ class State:
     next_addr_id: int = 1
     advertised: dict[str, int] = field(default_factory=dict)  # the kernel's ADD_ADDR: address -> ID
     notes: list[str] = field(default_factory=list)  # rfc mode: differences the RFC allows
+    # the script's own ADD_ADDRs: address -> (port or None, whether its HMAC was right)
+    announced: dict[str, tuple[int | None, bool]] = field(default_factory=dict)
+    script_dsn64: bool = False  # the script has sent a 64-bit DSN
 
     # -- keys and values --------------------------------------------------------------------
     def key(self, name: str) -> int:
@@ -179,7 +182,7 @@ class State:
         if n == "add_address":
             name, func = f["addr"]
             if func is not None:
-                ep = Endpoint(func[1], f.get("port") or flow.remote.port)
+                ep = Endpoint(_ip(func[1]), f.get("port") or flow.remote.port)
                 self.addrs[name] = ep
             elif name not in self.addrs:
                 self.addrs[name] = new_remote(f.get("port"))
@@ -193,9 +196,10 @@ class State:
                 kw["port"] = f["port"]
             if not f["echo"]:
                 hmac = f.get("hmac", "auto")
-                kw["truncated_hmac"] = (crypto.add_addr_hmac(self.script_key, self.kernel_key, addr_id,
-                                                             ipaddress.ip_address(ep.ip).packed, f.get("port"))
-                                        if hmac == "auto" else hmac)
+                right = crypto.add_addr_hmac(self.script_key, self.kernel_key, addr_id,
+                                             ipaddress.ip_address(ep.ip).packed, f.get("port"))
+                kw["truncated_hmac"] = right if hmac == "auto" else hmac
+                self.announced[ep.ip] = (f.get("port"), kw["truncated_hmac"] == right)
             return AddAddr(**kw)
         if n == "remove_address":
             return RemoveAddr(address_ids=f["ids"])
@@ -248,6 +252,7 @@ class State:
         if "dsn" in f:
             flags |= 0x04 | (0x08 if f["dsn_bits"] == 64 else 0)
             dsn = (self.script_idsn() + self.eval(f["dsn"])) & M64
+            self.script_dsn64 = self.script_dsn64 or f["dsn_bits"] == 64
             kw["dsn"] = dsn if f["dsn_bits"] == 64 else dsn & M32
             ssn = f.get("ssn", (seq - flow.remote_isn) & M32)
             dll = f.get("dll", payload_len)
@@ -298,12 +303,17 @@ class State:
                 if not lf & 0x01:
                     diffs.append("dss: expected a Data ACK, got none")
                 else:
-                    same("Data ACK size", f["dack_bits"], 64 if lf & 0x02 else 32)
+                    got_bits = 64 if lf & 0x02 else 32
+                    if strict or (got_bits == 32 and self.script_dsn64):
+                        # §3.3.2: data sent with 64-bit DSNs is acknowledged with 64 bits
+                        same("Data ACK size", f["dack_bits"], got_bits)
+                    elif got_bits != f["dack_bits"]:
+                        self.notes.append(f"a {got_bits}-bit Data ACK where the script has {f['dack_bits']} "
+                                          "(either width while no 64-bit DSN was sent, §3.3.2)")
                     if "dack" in f:
-                        base = self.script_idsn()
-                        mask = M64 if lf & 0x02 else M32
-                        same("dack (relative to the script's IDSN)", self.eval(f["dack"]),
-                             (live.data_ack - base) & mask)
+                        mask = M64 if got_bits == 64 and f["dack_bits"] == 64 else M32
+                        same("dack (relative to the script's IDSN)", self.eval(f["dack"]) & mask,
+                             (live.data_ack - self.script_idsn()) & mask)
             elif lf & 0x01 and strict:
                 diffs.append("dss: expected no Data ACK, got one")
             if "dsn" in f:
@@ -386,7 +396,7 @@ class State:
             name, func = f["addr"]
             port = live.getfieldval("port")
             if func is not None:
-                self.addrs.setdefault(name, Endpoint(func[1], port or flow.local.port))
+                self.addrs.setdefault(name, Endpoint(_ip(func[1]), port or flow.local.port))
             if name not in self.addrs:
                 self.addrs[name] = Endpoint(str(live.address), port or flow.local.port)
             same(f"address {name}", self.addrs[name].ip, str(live.address))
@@ -423,6 +433,13 @@ class State:
             same("transient flag", bool(f["transient"]), bool(int(live.flags) & 0x1))
             return diffs
         raise ScriptError(f"option {n} cannot be checked")
+
+
+def _ip(text: str) -> str:
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        raise ScriptError(f"not an IP address: {text!r}") from None
 
 
 def _show(v: Any) -> str:

@@ -30,7 +30,7 @@ from conformance.proc import Background
 
 ENGINES = ("auto", "packetdrill", "python")
 MODES = ("strict", "rfc")
-TIMEOUT_S = 120
+TIMEOUT_S = 60
 
 
 @dataclass
@@ -134,6 +134,11 @@ def run(script: Script, variant: str, engine: str = "auto", mode: str = "strict"
         raise InputError(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     engine = resolve_engine(engine)
     base = Result(str(script.path), variant, engine, mode, "error", requirements=script.requirements)
+    if script.engines and engine not in script.engines:
+        base.verdict = "skip"
+        base.message = f"the script runs under {', '.join(script.engines)} only" + (
+            f": {script.engines_why}" if script.engines_why else "")
+        return base
     if engine == "packetdrill":
         binary, why = packetdrill_binary()
         if binary is None:

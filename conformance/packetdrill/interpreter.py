@@ -517,16 +517,25 @@ class Interpreter:
 
     def _tolerable(self, live: Live) -> bool:
         """rfc mode: a kernel packet the RFC lets appear where the script has none: a pure ACK
-        whose MPTCP options are only a Data ACK, ADD_ADDR or its echo, or MP_PRIO; a new MP_JOIN SYN."""
-        tcp = live.tcp
-        if int(tcp.flags) & 0x17 == 0x02 and any(type(o).__name__ == "MPJoinSyn" for o in mptcp_options(tcp)):
-            return True  # §3.2: when to open another subflow is the path manager's choice
+        whose MPTCP options are only a Data ACK, the kernel's own ADD_ADDR, MP_PRIO, or the echo
+        of an address the script announced with a valid HMAC; an MP_JOIN SYN to the script's
+        first address or one it announced validly (when to open subflows is the path manager's
+        choice, §3.2; an announcement whose HMAC fails must be ignored, §3.4.1)."""
+        tcp, pkt = live.tcp, live.pkt
+        opts = mptcp_options(tcp)
+        valid = {ip for ip, (_, ok) in self.state.announced.items() if ok}
+        if int(tcp.flags) & 0x17 == 0x02 and any(type(o).__name__ == "MPJoinSyn" for o in opts):
+            first = [f.remote.ip for f in self.flows.values()][:1]
+            return str(pkt.dst) in valid or str(pkt.dst) in first
         if int(tcp.flags) & 0x07 or len(bytes(tcp.payload)):
             return False
-        for o in mptcp_options(tcp):
-            if type(o).__name__ == "DSS" and int(o.flags) & 0x14:
+        for o in opts:
+            name = type(o).__name__
+            if name == "DSS" and int(o.flags) & 0x14:
                 return False
-            if type(o).__name__ not in ("DSS", "AddAddr", "MPPrio"):
+            if name == "AddAddr" and o.echo and str(o.address) not in valid:
+                return False
+            if name not in ("DSS", "AddAddr", "MPPrio"):
                 return False
         return True
 

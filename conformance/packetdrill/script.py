@@ -20,6 +20,8 @@ from conformance.errors import InputError
 # A script names what it proves in a header comment: `// requirements: R3.1-01, R3.1-02`.
 _REQUIREMENTS = re.compile(r"^\s*//\s*requirements?\s*:\s*(.+)$", re.MULTILINE | re.IGNORECASE)
 _RID = re.compile(r"R\d+(?:\.\d+)*-[A-Z]?\d+")
+# ... and which engines can run it, with why not the others: `// engines: python (reason)`.
+_ENGINES = re.compile(r"^\s*//\s*engines?\s*:\s*([a-z, ]+?)\s*(?:\((.*)\))?\s*$", re.MULTILINE | re.IGNORECASE)
 
 
 class ScriptError(InputError):
@@ -105,6 +107,8 @@ class Script:
     options: dict[str, str]
     events: list[Event]
     requirements: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ()  # empty: any engine
+    engines_why: str = ""
 
     @property
     def tolerance(self) -> float:
@@ -550,7 +554,12 @@ def parse(text: str, path: str | Path = "<script>") -> Script:
             raise ScriptError(f"{where_file}:1:1: --{key} must be a whole number of microseconds, "
                               f"not {options[key]!r}")
     rids = tuple(r for m in _REQUIREMENTS.finditer(text) for r in _RID.findall(m.group(1)))
-    return Script(Path(path), options, events, rids)
+    m = _ENGINES.search(text)
+    engines = tuple(e.strip().lower() for e in m.group(1).split(",") if e.strip()) if m else ()
+    unknown = set(engines) - {"python", "packetdrill"}
+    if unknown:
+        raise ScriptError(f"{where_file}:1:1: engines: unknown engine(s) {', '.join(sorted(unknown))}")
+    return Script(Path(path), options, events, rids, engines, (m.group(2) or "") if m else "")
 
 
 def load(path: str | Path) -> Script:
