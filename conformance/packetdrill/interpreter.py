@@ -518,11 +518,14 @@ class Interpreter:
     def _tolerable(self, live: Live) -> bool:
         """rfc mode: a kernel packet the RFC lets appear where the script has none: a pure ACK
         whose MPTCP options are only a Data ACK, the kernel's own ADD_ADDR, MP_PRIO, or the echo
-        of an address the script announced with a valid HMAC; an MP_JOIN SYN to the script's
+        of an address the script announced with a valid HMAC; a copy of a segment a line already
+        took (a retransmission); an MP_JOIN SYN to the script's
         first address or one it announced validly (when to open subflows is the path manager's
         choice, §3.2; an announcement whose HMAC fails must be ignored, §3.4.1)."""
         tcp, pkt = live.tcp, live.pkt
         opts = mptcp_options(tcp)
+        if any(_same_segment(live, m) for m in self.matched):
+            return True  # a retransmitted copy of a segment a line already took
         valid = {ip for ip, (_, ok) in self.state.announced.items() if ok}
         if int(tcp.flags) & 0x17 == 0x02 and any(type(o).__name__ == "MPJoinSyn" for o in opts):
             first = [f.remote.ip for f in self.flows.values()][:1]
@@ -730,6 +733,13 @@ class Interpreter:
         line = (f"{direction} {src} > {dst} {flag_string(bits)} "
                 f"{seq}:{(seq + n) & M32}({n})" + (f" ack {ack}" if bits & 0x10 else "") + f" win {tcp.window}")
         return line + (f" <{', '.join(opts)}>" if opts else "")
+
+
+def _same_segment(a: Live, b: Live) -> bool:
+    ta, tb = a.tcp, b.tcp
+    return ((str(a.pkt.src), str(a.pkt.dst), ta.sport, ta.dport, ta.seq, ta.ack, int(ta.flags), bytes(ta.payload))
+            == (str(b.pkt.src), str(b.pkt.dst), tb.sport, tb.dport, tb.seq, tb.ack, int(tb.flags), bytes(tb.payload))
+            and [bytes(o) for o in mptcp_options(ta)] == [bytes(o) for o in mptcp_options(tb)])
 
 
 def _is_inbound(ev: Event) -> bool:
