@@ -1,7 +1,7 @@
 """Running a script in one variant with one engine, each run in a network namespace of its own.
 
-`python`: our interpreter (conformance.packetdrill.interpreter), started in the namespace as
-`python -m conformance.packetdrill.worker`. `packetdrill`: the MPTCP fork of packetdrill, found
+`python`: our interpreter (conformance.packetdrill.interpreter), in a child of this process
+moved into the namespace. `packetdrill`: the MPTCP fork of packetdrill, found
 on PATH or at $PACKETDRILL (never shipped or built by this project; it needs AF_ALG hashing, see
 docs/packetdrill.md). `auto`: the real tool when a usable one is present, else ours.
 
@@ -14,19 +14,20 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from conformance.errors import HarnessError, InputError
+from conformance.errors import InputError
 from conformance.net.names import netns_name, remove_netns, run_tmpdir
 from conformance.packetdrill.script import Script
 from conformance.packetdrill.variants import VARIANTS
-from conformance.proc import Background
+from conformance.proc import PR_SET_PDEATHSIG, _libc, _setns_fd, netns_path
 
 ENGINES = ("auto", "packetdrill", "python")
 MODES = ("strict", "rfc")
@@ -165,20 +166,57 @@ def run(script: Script, variant: str, engine: str = "auto", mode: str = "strict"
 
 
 def _run_python(script: Script, variant: str, mode: str, ns: str, folder: Path, base: Result) -> Result:
-    out = folder / "result.json"
-    argv = [sys.executable, "-m", "conformance.packetdrill.worker", str(script.path), variant, mode, str(out)]
-    proc = Background(argv, netns=ns, stdout=folder / "stdout", stderr=folder / "stderr", die_with_parent=True,
-                      env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    """Our interpreter in a child forked from this process (the parser, scapy and the codec are
+    loaded already: a fresh interpreter would spend most of a short script importing them),
+    moved into the namespace and given a process group of its own; the outcome comes back as
+    JSON over a pipe."""
+    from conformance.packetdrill.interpreter import run_script
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(read_end)
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            fd = os.open(netns_path(ns), os.O_RDONLY)
+            _setns_fd(fd)
+            os.close(fd)
+            data = asdict(run_script(script, VARIANTS[variant], mode))
+        except BaseException as exc:  # reported, never raised in a forked copy of the caller
+            data = {"verdict": "error", "message": f"the python engine crashed: {type(exc).__name__}: {exc}"}
+            code = 1
+        try:
+            payload = json.dumps(data).encode()
+            while payload:
+                payload = payload[os.write(write_end, payload):]
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + TIMEOUT_S
     try:
-        proc.wait(TIMEOUT_S)
-    except HarnessError:
-        proc.stop()
-        base.message = f"the python engine did not finish in {TIMEOUT_S} s"
+        while True:
+            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                base.message = f"the python engine did not finish in {TIMEOUT_S} s"
+                return base
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # its group: commands the script left running go too
+        os.waitpid(pid, 0)
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError:
+        base.message = "the python engine died without an outcome"
         return base
-    if not out.exists():
-        base.message = f"the python engine crashed: {proc.errors().strip()[-600:]}"
-        return base
-    data = json.loads(out.read_text())
     for k, v in data.items():
         setattr(base, k, v)
     return base
