@@ -214,7 +214,8 @@ class Interpreter:
                 self._finish_rfc()
             return Outcome("pass", tolerated=self.tolerated, seconds=time.monotonic() - start)
         except Failed as f:
-            return Outcome("fail", f.event.line if f.event else None, f.kind, f.message, f.expected, f.seen,
+            verdict = "error" if f.kind == "script" else "fail"  # the script is wrong, not the kernel
+            return Outcome(verdict, f.event.line if f.event else None, f.kind, f.message, f.expected, f.seen,
                            f.recent or self.recent[-6:], self.tolerated, time.monotonic() - start)
         finally:
             self.syscalls.close_all()
@@ -391,6 +392,10 @@ class Interpreter:
         tcp = TCP(sport=fl.remote.port, dport=fl.local.port, flags=bits, seq=p.seq & M32, ack=ack,
                   window=p.win if p.win is not None else 65535, options=opts)
         pkt = ipl(src=fl.remote.ip, dst=fl.local.ip) / tcp / bytes(p.length)
+        size = len(bytes(tcp)) - 20 - p.length
+        if size > 40:  # an IPv6 address in an ADD_ADDR can push a line past what fits
+            raise Failed("script", ev, f"the TCP options take {size} bytes in the {self.variant.name} variant, "
+                         "more than the 40 TCP allows")
         self.device.send(pkt)
         self._note("<", pkt)
 
