@@ -318,13 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     gst.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="accelerator (default: KVM where it boots the kernel, else TCG; detected once)")
     gst.add_argument("--json", action="store_true", help="machine-readable output")
+    from conformance.packetdrill.engines import ENGINES, MODES
+    from conformance.packetdrill.variants import NAMES
+
     pkt = sub.add_parser("pkt", help="run packetdrill scripts (the MPTCP fork's dialect) against the local kernel")
     pkt.add_argument("script", nargs="+", help=".pkt files, or folders searched for them")
-    pkt.add_argument("--engine", default="auto", choices=("auto", "packetdrill", "python"),
+    pkt.add_argument("--engine", default="auto", choices=ENGINES,
                      help="the real packetdrill (PATH or $PACKETDRILL) or our interpreter (default: auto)")
-    pkt.add_argument("--mode", default="strict", choices=("strict", "rfc"),
+    pkt.add_argument("--mode", default="strict", choices=MODES,
                      help="strict: every byte and time like packetdrill; rfc: only what RFC 8684 requires")
-    pkt.add_argument("--variant", default="all", choices=("ipv4", "ipv4-mapped-ipv6", "ipv6", "all"),
+    pkt.add_argument("--variant", default="all", choices=(*NAMES, "all"),
                      help="address family (default: all the script's name allows)")
     pkt.add_argument("--json", action="store_true", help="machine-readable output")
     rep = sub.add_parser("report", help="render report.md, report.html and junit.xml again from a results.json")

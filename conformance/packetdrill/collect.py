@@ -9,17 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from conformance.packetdrill.engines import ENGINES, MODES
 from conformance.packetdrill.script import Script, ScriptError, load
-from conformance.packetdrill.variants import for_script
+from conformance.packetdrill.variants import NAMES, for_script
 from conformance.requirements.deviations import known_deviations
 
 
 def add_options(group) -> None:
-    group.addoption("--pkt-engine", default="python", choices=("auto", "packetdrill", "python"),
+    group.addoption("--pkt-engine", default="python", choices=ENGINES,
                     help="engine for .pkt scripts (default python: our interpreter)")
-    group.addoption("--pkt-mode", default="rfc", choices=("strict", "rfc"),
+    group.addoption("--pkt-mode", default="rfc", choices=MODES,
                     help="judge .pkt scripts byte for byte (strict) or by RFC 8684 only (rfc, default)")
-    group.addoption("--pkt-variant", default="all", choices=("ipv4", "ipv4-mapped-ipv6", "ipv6", "all"),
+    group.addoption("--pkt-variant", default="all", choices=(*NAMES, "all"),
                     help="address families of .pkt scripts (default: all the script's name allows)")
 
 

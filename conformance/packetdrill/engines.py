@@ -19,12 +19,13 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
 from conformance.errors import InputError
 from conformance.net.names import netns_name, remove_netns, run_tmpdir
+from conformance.packetdrill.outcome import Result
 from conformance.packetdrill.script import Script
 from conformance.packetdrill.variants import VARIANTS
 from conformance.proc import PR_SET_PDEATHSIG, _libc, _setns_fd, netns_path
@@ -32,45 +33,6 @@ from conformance.proc import PR_SET_PDEATHSIG, _libc, _setns_fd, netns_path
 ENGINES = ("auto", "packetdrill", "python")
 MODES = ("strict", "rfc")
 TIMEOUT_S = 60
-
-
-@dataclass
-class Result:
-    script: str
-    variant: str
-    engine: str
-    mode: str
-    verdict: str  # pass | fail | error | skip
-    line: int | None = None
-    kind: str = ""
-    message: str = ""
-    expected: str = ""
-    seen: str = ""
-    recent: list[str] = field(default_factory=list)
-    tolerated: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    requirements: tuple[str, ...] = ()
-
-    def headline(self) -> str:
-        where = f"{self.script}:{self.line}" if self.line else self.script
-        return f"{where} [{self.variant}, {self.engine}, {self.mode}]: {self.verdict}" + (
-            f": {self.message}" if self.message else "")
-
-    def details(self) -> str:
-        lines = [self.headline()]
-        if self.expected:
-            lines.append(f"  script:   {self.expected}")
-        if self.seen:
-            lines.append(f"  actual:   {self.seen}")
-        if self.recent and self.kind in ("timeout", "mismatch"):
-            lines.append("  last packets seen:")
-            lines += [f"    {r}" for r in self.recent]
-        for t in self.tolerated:
-            lines.append(f"  tolerated (RFC 8684 allows it): {t}")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @cache
@@ -134,7 +96,8 @@ def run(script: Script, variant: str, engine: str = "auto", mode: str = "strict"
     if variant not in VARIANTS:
         raise InputError(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     engine = resolve_engine(engine)
-    base = Result(str(script.path), variant, engine, mode, "error", requirements=script.requirements)
+    base = Result("error", script=str(script.path), variant=variant, engine=engine, mode=mode,
+                  requirements=script.requirements)
     if script.engines and engine not in script.engines:
         base.verdict = "skip"
         base.message = f"the script runs under {', '.join(script.engines)} only" + (

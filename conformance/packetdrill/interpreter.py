@@ -35,6 +35,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from conformance.packetdrill.dialect import SUBTYPE_OF, Endpoint, Flow, State, render
+from conformance.packetdrill.outcome import Outcome
 from conformance.packetdrill.script import Event, Packet, Script, ScriptError, Syscall
 from conformance.packetdrill.syscalls import SyscallMismatch, Syscalls, expected_result
 from conformance.packetdrill.variants import DEVICE, PORT, Variant
@@ -70,19 +71,6 @@ class Live:
     @property
     def tcp(self):
         return self.pkt[TCP]
-
-
-@dataclass
-class Outcome:
-    verdict: str  # pass | fail | error
-    line: int | None = None
-    kind: str = ""
-    message: str = ""
-    expected: str = ""
-    seen: str = ""
-    recent: list[str] = field(default_factory=list)
-    tolerated: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def flag_string(bits: int) -> str:
