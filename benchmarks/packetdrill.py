@@ -23,6 +23,7 @@ from pathlib import Path
 from conformance.net.names import release_run
 from conformance.packetdrill import engines
 from conformance.packetdrill.script import load
+from conformance.packetdrill.variants import for_script
 
 CORPUS = Path(__file__).resolve().parents[1] / "cases" / "packetdrill"
 GOAL = 2.0
@@ -48,6 +49,8 @@ def main() -> None:
     differ = 0
     print(f"{'script':60} {'python s':>9} {'pd s':>8} {'ratio':>6}  verdicts")
     for path in paths:
+        if args.variant not in for_script(path):
+            continue  # a *v6.pkt script in an ipv4 run, say
         script = load(path)
         both = binary is not None and (not script.engines or "packetdrill" in script.engines)
         names = ["python", "packetdrill"] if both else ["python"]
