@@ -99,6 +99,20 @@ class State:
             return self.key(v)
         raise ScriptError(f"cannot evaluate {v!r}")
 
+    def sequence(self, v: Any, base: int) -> int:
+        """A DSN or Data ACK value: relative to `base` (an IDSN), or absolute when the script
+        names a key's IDSN itself: `trunc_r64_hmac(KEY)` (the connection's hash), `_sha1` or
+        `_sha256` (that hash), an optional second argument added to it."""
+        if isinstance(v, Call) and v.name.startswith("trunc_r64_hmac"):
+            if not v.args or not isinstance(v.args[0], str):
+                raise ScriptError(f"{v.name}() takes a key variable (and a number to add)")
+            key = self.key(v.args[0])
+            sha1 = v.name.endswith("_sha1") or (self.sha1 and not v.name.endswith("_sha256"))
+            digest = (hashlib.sha1 if sha1 else hashlib.sha256)(key.to_bytes(8, "big")).digest()
+            extra = v.args[1] if len(v.args) > 1 and isinstance(v.args[1], int) else 0
+            return (int.from_bytes(digest[-8:], "big") + extra) & M64
+        return (base + self.eval(v)) & M64
+
     def idsn(self, key: int | None) -> int:
         if key is None:
             raise ScriptError("a DSN or Data ACK is used before both keys are known")
@@ -247,11 +261,11 @@ class State:
             flags |= 0x01 | (0x02 if f["dack_bits"] == 64 else 0)
             if "dack" not in f:
                 raise ScriptError("an outgoing dack needs a value (dack8=N)")
-            dack = (self.kernel_idsn() + self.eval(f["dack"])) & M64
+            dack = self.sequence(f["dack"], self.kernel_idsn())
             kw["data_ack"] = dack if f["dack_bits"] == 64 else dack & M32
         if "dsn" in f:
             flags |= 0x04 | (0x08 if f["dsn_bits"] == 64 else 0)
-            dsn = (self.script_idsn() + self.eval(f["dsn"])) & M64
+            dsn = self.sequence(f["dsn"], self.script_idsn())
             self.script_dsn64 = self.script_dsn64 or f["dsn_bits"] == 64
             kw["dsn"] = dsn if f["dsn_bits"] == 64 else dsn & M32
             ssn = f.get("ssn", (seq - flow.remote_isn) & M32)
@@ -312,8 +326,9 @@ class State:
                                           "(either width while no 64-bit DSN was sent, §3.3.2)")
                     if "dack" in f:
                         mask = M64 if got_bits == 64 and f["dack_bits"] == 64 else M32
-                        same("dack (relative to the script's IDSN)", self.eval(f["dack"]) & mask,
-                             (live.data_ack - self.script_idsn()) & mask)
+                        base = self.script_idsn()
+                        want = (self.sequence(f["dack"], base) - base) & mask
+                        same("dack (relative to the script's IDSN)", want, (live.data_ack - base) & mask)
             elif lf & 0x01 and strict:
                 diffs.append("dss: expected no Data ACK, got one")
             if "dsn" in f:
@@ -322,8 +337,9 @@ class State:
                 else:
                     same("DSN size", f["dsn_bits"], 64 if lf & 0x08 else 32)
                     mask = M64 if lf & 0x08 else M32
-                    same("dsn (relative to the kernel's IDSN)", self.eval(f["dsn"]),
-                         (live.dsn - self.kernel_idsn()) & mask)
+                    base = self.kernel_idsn()
+                    same("dsn (relative to the kernel's IDSN)", (self.sequence(f["dsn"], base) - base) & mask,
+                         (live.dsn - base) & mask)
                     if "ssn" in f:
                         same("ssn", f["ssn"], live.ssn)
                     if "dll" in f:

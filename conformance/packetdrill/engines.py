@@ -190,6 +190,10 @@ _PD_ERROR = re.compile(r"^(?P<file>[^:\n]+\.pkt):(?P<line>\d+):\s*(?P<msg>.*)$",
 
 def _run_packetdrill(script: Script, variant: str, ns: str, folder: Path, base: Result, binary: str) -> Result:
     v = VARIANTS[variant]
+    # As upstream's runner prepares a namespace: loopback up, MPTCP on.
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=False, capture_output=True)
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "net.mptcp.enabled=1"], check=False,
+                   capture_output=True)
     argv = [binary, "--send_omit_free", *v.packetdrill_args(), script.path.name]
     t0 = time.monotonic()
     try:
