@@ -72,18 +72,19 @@ def _mapping_of(hs: Handshake, seg: Segment) -> tuple[int, int, int] | None:
 
 def _taken_elsewhere_first(at_server: list[Segment], join: Handshake, mapping: tuple[int, int, int]) -> bool:
     """Whether copies on other subflows covered the failed mapping's whole DSN range at the
-    server before the join's copy of it was complete there (then a receiver never needs to
-    check the failed one: it already has the data)."""
+    server before the join's copy of it was complete there, if it ever was (then a receiver never
+    needs to check the failed one: it already has the data)."""
     dsn, ssn, length = mapping
     client, isn = join.syn.src, join.syn.seq
     ends = [s.time for s in join.stream if s.src == client and s.payload
             and (s.seq - isn) % 2**32 + s.payload >= ssn + length]
-    if not ends:
-        return False
-    done = min(ends)
-    ports = {join.syn.sport}
+    # A mapping whose end never came on the join (the client finished elsewhere and closed) was
+    # never complete there: no checksum over it could be computed at all.
+    done = min(ends) if ends else float("inf")
+    server, this = join.syn.dst, (join.syn.src, join.syn.sport)
+    # The client's data on its other subflows (from its other addresses too) as the server got it.
     spans = sorted((o.get("dsn"), o.get("dsn") + o.get("data_level_length"))
-                   for s in at_server if s.src == client and s.time < done and s.sport not in ports
+                   for s in at_server if s.dst == server and (s.src, s.sport) != this and s.time < done
                    for o in s.mptcp("DSS") if o.get("data_level_length") and o.get("dsn") is not None)
     reach = dsn
     for a, b in spans:
