@@ -174,9 +174,10 @@ def test_the_agent_and_the_python_endpoint_exchange_streams_both_ways(agent: str
     two = runs["agent_client"]["client"]
     # Both were up before the bulk; at the end the kernel may have closed one already (seen under load).
     assert two["subflows_before_bulk"] == 2 and len(two["subflows"]) in (1, 2)
-    # A subflow being torn down as the report is taken shows the unspecified address (seen in CI).
+    # A subflow being torn down as the report is taken shows the unspecified address, and by then
+    # every one may be (both seen in CI): the live ones are on the two addresses.
     addrs = {sf["local"]["addr"] for sf in two["subflows"]} - {"0.0.0.0", "::"}
-    assert addrs and addrs <= {"127.0.0.1", "127.0.0.2"}, two["subflows"]
+    assert addrs <= {"127.0.0.1", "127.0.0.2"}, two["subflows"]
 
 
 # -- transfer: a stream that went wrong, an abortive close, a SIGTERM ---------------------------
