@@ -169,8 +169,9 @@ def test_the_agent_and_the_python_endpoint_exchange_streams_both_ways(agent: str
         # see them one apart (seen under load in CI), so the path manager's count decides.
         assert mid["subflows_total"] in (mid["subflows"], mid["subflows"] + 1), (name, mid)
         assert mid["subflows"] + 1 in ((2,) if name == "agent_client" else (1, 2)), (name, mid)
-        if agent_role == "server":  # every subflow is this listener's
-            assert {sf["local"]["port"] for sf in mine["subflows"]} == {mine["local"][1]}, name
+        if agent_role == "server":  # every live subflow is this listener's (torn-down ones show 0.0.0.0)
+            live = [sf for sf in mine["subflows"] if sf["local"]["addr"] not in ("0.0.0.0", "::")]
+            assert {sf["local"]["port"] for sf in live} <= {mine["local"][1]}, (name, mine["subflows"])
     two = runs["agent_client"]["client"]
     # Both were up before the bulk; at the end the kernel may have closed one already (seen under load).
     assert two["subflows_before_bulk"] == 2 and len(two["subflows"]) in (1, 2)
