@@ -52,7 +52,7 @@ class Expect:
                          seen=f"{actual!r}" + (f" ({seen})" if seen is not None else ""), rid=rid)
 
     def counter(self, counters: dict[str, dict[str, int]], node: str, name: str, wanted: int | range,
-                *, rid: str | None = None) -> bool:
+                *, rid: str | None = None, deviation: str | None = None) -> bool:
         full = name if name.startswith(("MPTcp", "Tcp")) else f"MPTcpExt{name}"
         if node in self.counter_names and full not in self.counter_names[node]:
             # Not a verdict either way: the kernel on `node` does not count this.
@@ -61,7 +61,7 @@ class Expect:
         got = counters.get(node, {}).get(full, 0)
         ok = got in wanted if isinstance(wanted, range) else got == wanted
         want = (f"{wanted.start}..{wanted.stop - 1}" if isinstance(wanted, range) else str(wanted))
-        return self.that(ok, f"{node} counter {full}", expected=want, seen=f"{got}", rid=rid)
+        return self.that(ok, f"{node} counter {full}", expected=want, seen=f"{got}", rid=rid, deviation=deviation)
 
     @property
     def failures(self) -> list[Check]:
