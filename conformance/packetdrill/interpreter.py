@@ -66,8 +66,8 @@ class Live:
 
     t: float
     pkt: Any  # scapy IP or IPv6
-    seen_by: list[int] = field(default_factory=list)  # rfc mode: lines it stood next to, or also for
-    flags_used: bool = False
+    seen_by: list[int] = field(default_factory=list)  # rfc mode: lines matched past it, or that it served
+    flags_used: bool = False  # rfc mode: a FIN/ACK that stood for an ACK line too, kept for the FIN line
 
     @property
     def tcp(self):
